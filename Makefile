@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(BIN)/mhist synth $(DATA) --scale $(SCALE) --seed $(SEED) --jobs $(JOBS)
 	$(BIN)/mhist explore --data-dir $(DATA) --out-dir $(REPORTS) --seed $(SEED)
 	@echo
-	@echo "Reports: $(REPORTS)/ (executed notebook 02_explore.ipynb, figures *.png, tables *.csv)"
-	@echo "Open with: $(BIN)/jupyter nbconvert --to html $(REPORTS)/02_explore.ipynb  (or any Jupyter)"
+	@echo "Reports in $(REPORTS)/: executed notebook 02_explore.ipynb, its HTML, figures *.png, tables *.csv"
+	@echo "Open $(REPORTS)/02_explore.html in a browser, or the .ipynb in Jupyter or VS Code."
 
 test: $(STAMP) nbtest pytest
 
