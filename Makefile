@@ -5,15 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mhist-installed
-DATA ?= data/synth
-SCALE ?= 0.25
-SEED ?= 0
-JOBS ?= 2
 REPORTS ?= reports/demo
 
 .PHONY: demo test install nbtest pytest bench export clean-demo help
 help:
-	@echo "make demo   - synthetic tiles + exploration report into $(REPORTS)/"
+	@echo "make demo   - the pipeline of params/demo.yaml on synthetic tiles into $(REPORTS)/ (MLflow: mlflow.db)"
 	@echo "make test   - nbdev-test (including #| slow cells) and pytest"
 	@echo "make bench  - benchmark tables (benchmarks/*.py)"
 
@@ -27,11 +23,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/mhist synth $(DATA) --scale $(SCALE) --seed $(SEED) --jobs $(JOBS)
-	$(BIN)/mhist explore --data-dir $(DATA) --out-dir $(REPORTS) --seed $(SEED)
+	$(BIN)/mhist run params/demo.yaml --name $(notdir $(REPORTS)) --reports $(dir $(REPORTS))
 	@echo
-	@echo "Reports in $(REPORTS)/: executed notebook 02_explore.ipynb, its HTML, figures *.png, tables *.csv"
-	@echo "Open $(REPORTS)/02_explore.html in a browser, or the .ipynb in Jupyter or VS Code."
+	@echo "Reports in $(REPORTS)/: executed notebooks (*.ipynb) with their HTML, figures, tables and predictions."
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then open http://127.0.0.1:5000)"
 
 test: $(STAMP) nbtest pytest
 
@@ -43,9 +38,10 @@ pytest: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/trainer.py
 
 export: $(STAMP)
 	$(BIN)/nbdev-export && $(BIN)/nbdev-clean
 
 clean-demo:
-	rm -rf $(REPORTS)
+	rm -rf $(REPORTS) data/synth
