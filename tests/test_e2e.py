@@ -1,0 +1,47 @@
+"""The whole default pipeline (explore → MLP → ViT → threshold study → ONNX → comparison) on a tiny synthetic set,
+as `make demo` runs it at full size: every report file is there, manifests verify, and MLflow holds both training
+runs with their notebooks, ONNX files and threshold study attached."""
+import json
+import yaml
+from conftest import mhist
+
+
+def walk(client, run_id, path=None):
+    "Every artifact file of a run."
+    for a in client.list_artifacts(run_id, path):
+        if a.is_dir: yield from walk(client, run_id, a.path)
+        else: yield a.path
+
+
+def test_default_pipeline_end_to_end(tmp_path):
+    import os
+    from mlflow import MlflowClient
+    from mhist_nb.export import read_manifest
+    params = tmp_path/'tiny.yaml'
+    params.write_text(yaml.safe_dump({
+        'name': 'tiny', 'synth': {'scale': 0.05, 'seed': 0, 'jobs': 2},
+        'common': {'data_dir': str(tmp_path/'data'), 'seed': 0, 'quiet': True},
+        '10_train_mlp': {'epochs': 2}, '11_train_vit': {'head_epochs': 1, 'full_epochs': 2},
+        '13_onnx': {'latency_runs': 3}}))
+    uri = f"sqlite:///{tmp_path/'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES='0')
+    r = mhist('run', params, '--reports', tmp_path/'reports', '--quiet', env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = tmp_path/'reports'/'tiny'
+    for nb in ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare'):
+        assert (out/f'{nb}.ipynb').is_file() and (out/f'{nb}.html').is_file(), nb
+    summary = (out/'summary.md').read_text()
+    for section in ('## Ranking (test)', 'Paired difference AUC(vit) − AUC(mlp)', '## Operating points', '### Model files', '### Latency'):
+        assert section in summary, section
+    client = MlflowClient(uri)
+    for fam in ('mlp', 'vit'):
+        m = read_manifest(out/f'manifest_{fam}.json')                     # verifies the sha256 of the ONNX file
+        t = json.loads((out/f'threshold_{fam}.json').read_text())
+        assert m['threshold'] == t['threshold'] and m['threshold_rule'] == t['rule'] == 'spec_at_sens'
+        run_id = json.loads((out/f'run_{fam}.json').read_text())['run_id']
+        run = client.get_run(run_id)
+        assert run.info.status == 'FINISHED' and run.data.tags['mhist.pipeline'] == 'tiny'
+        arts = set(walk(client, run_id))
+        for a in (f'notebook/1{0 if fam == "mlp" else 1}_train_{fam}.ipynb', f'onnx/model_{fam}.onnx',
+                  f'onnx/manifest_{fam}.json', f'threshold/threshold_{fam}.json', f'predictions/predictions_{fam}_test.csv'):
+            assert a in arts, (a, sorted(arts))
