@@ -56,6 +56,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mhist_nb.data.check_image': ('data.html#check_image', 'mhist_nb/data.py'),
                                'mhist_nb.data.decode_tile': ('data.html#decode_tile', 'mhist_nb/data.py'),
                                'mhist_nb.data.default_workers': ('data.html#default_workers', 'mhist_nb/data.py'),
+                               'mhist_nb.data.disk_cache_file': ('data.html#disk_cache_file', 'mhist_nb/data.py'),
                                'mhist_nb.data.fingerprint': ('data.html#fingerprint', 'mhist_nb/data.py'),
                                'mhist_nb.data.make_transform': ('data.html#make_transform', 'mhist_nb/data.py'),
                                'mhist_nb.data.norm_stats': ('data.html#norm_stats', 'mhist_nb/data.py'),
