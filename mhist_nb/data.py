@@ -8,15 +8,16 @@ import hashlib, json, os, random, tempfile, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from PIL import Image
-from torch.utils.data import Dataset, DataLoader, Sampler, SequentialSampler, BatchSampler
+from torch.utils.data import Dataset, DataLoader, Sampler, SequentialSampler
 from torchvision.transforms import v2
 
 # %% auto #0
 __all__ = ['COLUMNS', 'SHORT_NAMES', 'CLASSES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 'RGB_FROM_HED', 'HED_FROM_RGB',
            'MHISTError', 'check_annotations', 'check_image', 'read_mhist', 'add_split', 'fingerprint',
            'disk_cache_file', 'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats',
-           'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform', 'MHISTDataset', 'EpochSampler', 'pos_weight',
-           'balanced_sampler', 'default_workers', 'MHISTData']
+           'draw_augment', 'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform',
+           'MHISTDataset', 'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler',
+           'default_workers', 'resolve_data_device', 'DeviceLoader', 'MHISTData']
 
 # %% ../nbs/00_data.ipynb #34000f82
 COLUMNS = ('Image Name', 'Majority Vote Label', 'Number of Annotators who Selected SSA (Out of 7)', 'Partition')
@@ -228,61 +229,106 @@ def norm_stats(cache:TileCache, names) -> tuple[list[float], list[float]]:
     except OSError as e: warnings.warn(f'could not cache normalisation stats in {f.parent}: {e}')
     return mean, std
 
-# %% ../nbs/00_data.ipynb #7dad5ff7
+# %% ../nbs/00_data.ipynb #3c215fef
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])  # rows: H, E, DAB in OD
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
-class RandomRot90(torch.nn.Module):
-    "Rotate a (..., H, W) tensor by a random multiple of 90 degrees."
-    def forward(self, x): return torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))
+# %% ../nbs/00_data.ipynb #313bb126
+def draw_augment(n:int, generator:torch.Generator|None=None, flips:bool=False, rot90:bool=False,
+                 hed_jitter:float=0.) -> torch.Tensor:
+    "Per-tile draws, (n, 9) float on the CPU: h-flip, v-flip, quarter turns, HED scale (3), HED shift (3)."
+    u = torch.rand(n, 9, generator=generator)
+    d = torch.zeros(n, 9)
+    if flips: d[:, :2] = (u[:, :2] < 0.5).float()
+    if rot90: d[:, 2] = (u[:, 2] * 4).floor().clamp(max=3)
+    d[:, 3:6] = 1 + (2 * u[:, 3:6] - 1) * hed_jitter
+    d[:, 6:9] = (2 * u[:, 6:9] - 1) * hed_jitter
+    return d
 
+# %% ../nbs/00_data.ipynb #9b280c8e
+def flip_tiles(x:torch.Tensor, h:torch.Tensor, v:torch.Tensor) -> torch.Tensor:
+    "Flip each tile of (B, C, H, W) `x` left-right where `h`, then top-bottom where `v` (bool, shape (B,))."
+    x = torch.where(h.view(-1, 1, 1, 1), x.flip(-1), x)
+    return torch.where(v.view(-1, 1, 1, 1), x.flip(-2), x)
+
+# %% ../nbs/00_data.ipynb #97e0b47c
+def rot90_tiles(x:torch.Tensor, k:torch.Tensor) -> torch.Tensor:
+    "Rotate each square tile of (B, C, H, W) `x` by its own `k` quarter turns (as `torch.rot90` over the last two dims)."
+    k, out = k.view(-1, 1, 1, 1), x
+    for j in (1, 2, 3): out = torch.where(k == j, torch.rot90(x, j, (-2, -1)), out)
+    return out
+
+# %% ../nbs/00_data.ipynb #00b966a0
+class RandomRot90(torch.nn.Module):
+    "Rotate a tile (C, H, W), or each tile of a batch (B, C, H, W) independently, by a random multiple of 90 degrees."
+    def forward(self, x):
+        if x.ndim == 3: return torch.rot90(x, int(torch.randint(4, ())), dims=(-2, -1))
+        return rot90_tiles(x, torch.randint(4, (len(x),)))
+
+# %% ../nbs/00_data.ipynb #5d0dbddc
 class HEDJitter(torch.nn.Module):
-    "Random per-stain scale (1±sigma) and shift (±sigma) in haematoxylin-eosin-DAB optical density, per tile."
+    "Per-stain scale `a` (1±sigma) and shift `b` (±sigma) in haematoxylin-eosin-DAB optical density, per tile."
     def __init__(self, sigma:float=0.05):
         super().__init__(); self.sigma = sigma
-    def forward(self, x):
+    def forward(self, x, a=None, b=None):
         single = x.ndim == 3
         if single: x = x[None]
+        n, dev = len(x), x.device
+        if a is None: a = 1 + (2 * torch.rand(n, 3) - 1) * self.sigma
+        if b is None: b = (2 * torch.rand(n, 3) - 1) * self.sigma
+        a, b = (t.to(dev, x.dtype).view(n, 3, 1, 1) for t in (a, b))
         od = -torch.log(x.clamp_min(1e-6))                      # (B, 3, H, W) float in [0, 1] -> optical density
-        hed = torch.einsum('bchw,cd->bdhw', od, HED_FROM_RGB)
-        a = 1 + (2*torch.rand(len(x), 3, 1, 1) - 1) * self.sigma
-        b = (2*torch.rand(len(x), 3, 1, 1) - 1) * self.sigma
-        out = torch.exp(-torch.einsum('bdhw,dc->bchw', hed * a + b, RGB_FROM_HED)).clamp(0, 1)
+        hed = torch.einsum('bchw,cd->bdhw', od, HED_FROM_RGB.to(dev, x.dtype))
+        out = torch.exp(-torch.einsum('bdhw,dc->bchw', hed * a + b, RGB_FROM_HED.to(dev, x.dtype))).clamp(0, 1)
         return out[0] if single else out
 
-# %% ../nbs/00_data.ipynb #b2bb8648
+# %% ../nbs/00_data.ipynb #7d931433
 def _to_float(x:torch.Tensor) -> torch.Tensor:
     "uint8 → float32 keeping the layout; on CPU through numpy, several times faster than torch's own conversion."
     return torch.from_numpy(x.numpy().astype(np.float32)) if x.device.type == 'cpu' else x.float()
 
+# %% ../nbs/00_data.ipynb #60f781a9
 class TileTransform(torch.nn.Module):
-    "uint8 tiles, one (3, H, W) or a batch (B, 3, H, W), to normalised float; augmentation drawn per tile."
+    "uint8 tiles, one (3, H, W) or a batch (B, 3, H, W) on any device, to normalised float; augmentation drawn per tile."
     def __init__(self, mean, std, train:bool=False, flips:bool=False, rot90:bool=False, hed_jitter:float=0.,
                  size:int|None=None):
         super().__init__()
-        aug = ([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()] if flips else []) + ([RandomRot90()] if rot90 else [])
-        self.aug = v2.Compose(aug) if train and aug else None                 # geometric, on uint8, tile by tile
-        self.hed = HEDJitter(hed_jitter) if train and hed_jitter else None    # stain, per-tile draws, batched
+        self.flips, self.rot90, self.hed_jitter = train and flips, train and rot90, float(hed_jitter) if train else 0.
+        self.augments = bool(self.flips or self.rot90 or self.hed_jitter)
+        self.hed = HEDJitter(self.hed_jitter) if self.hed_jitter else None
         self.resize = v2.Resize((size, size), antialias=True) if size and size != TILE_SIZE else None
         self.mean, self.std = list(mean), list(std)
         m, s = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
         self.register_buffer('scale', 1 / s, persistent=False); self.register_buffer('shift', -m / s, persistent=False)
 
-    def forward(self, x):
-        if self.aug is not None: x = torch.stack([self.aug(t) for t in x]) if x.ndim == 4 else self.aug(x)
-        x = _to_float(x)
-        if self.hed is None and self.resize is None:               # the common path: one fused pass
-            return x.mul_(self.scale / 255).add_(self.shift)
-        x = x.mul_(1 / 255)
-        if self.hed is not None: x = self.hed(x)
-        if self.resize is not None: x = self.resize(x)
-        return x.mul_(self.scale).add_(self.shift)
+    def draws(self, n:int, generator:torch.Generator|None=None) -> torch.Tensor|None:
+        "This transform's per-tile draws for `n` tiles (None when it does not augment)."
+        if not self.augments: return None
+        return draw_augment(n, generator, self.flips, self.rot90, self.hed_jitter)
 
+    def forward(self, x:torch.Tensor, draws:torch.Tensor|None=None) -> torch.Tensor:
+        single = x.ndim == 3
+        if single: x = x[None]
+        d = (self.draws(len(x)) if draws is None else draws) if self.augments else None
+        if d is not None:
+            d = d.to(x.device, non_blocking=True)
+            if self.flips: x = flip_tiles(x, d[:, 0].bool(), d[:, 1].bool())
+            if self.rot90: x = rot90_tiles(x, d[:, 2].long())
+        x = _to_float(x)
+        if self.hed is None and self.resize is None: x = x.mul_(self.scale / 255).add_(self.shift)   # one fused pass
+        else:
+            x = x.mul_(1 / 255)
+            if self.hed is not None: x = self.hed(x, d[:, 3:6], d[:, 6:9])
+            if self.resize is not None: x = self.resize(x)
+            x = x.mul_(self.scale).add_(self.shift)
+        return x[0] if single else x
+
+# %% ../nbs/00_data.ipynb #ea45eb84
 def make_transform(mean, std, train:bool=False, **augment) -> TileTransform:
     "The tile transform: augmentation (`flips`, `rot90`, `hed_jitter`) only when `train`; `size` to resize."
     return TileTransform(mean, std, train=train, **augment)
 
-# %% ../nbs/00_data.ipynb #cb521501
+# %% ../nbs/00_data.ipynb #612c9b87
 class MHISTDataset(Dataset):
     "Rows of `df` as (image tensor, float label, name, votes), tiles read through a `TileCache`."
     def __init__(self, df:pd.DataFrame, cache:TileCache, transform=None):
@@ -300,21 +346,29 @@ class MHISTDataset(Dataset):
         if self.transform is not None: x = self.transform(x)
         return x, torch.tensor(self.labels[i], dtype=torch.float32), self.names[i], int(self.votes[i])
 
-    def batch(self, idxs):
-        "Rows `idxs` collated: images (B, 3, H, W), labels (B,), names (list), votes (B,)."
+    def draws(self, n:int, seed:int|None):
+        "The transform's augmentation draws for a batch of `n` with seed `seed` (None: nothing to draw)."
+        if seed is None or self.transform is None or not getattr(self.transform, 'augments', False): return None
+        return self.transform.draws(n, torch.Generator().manual_seed(seed))
+
+    def batch(self, idxs, seed:int|None=None):
+        "Rows `idxs` collated: images (B, 3, H, W), labels (B,), names (list), votes (B,); `seed` fixes augmentation."
         idxs = np.asarray(idxs, dtype=np.int64)
         x = torch.from_numpy(self.cache.take(self.idx[idxs])).permute(0, 3, 1, 2)
-        if self.transform is not None: x = self.transform(x)
+        if self.transform is not None: x = self.transform(x, self.draws(len(idxs), seed))
         return (x, torch.as_tensor(self.labels[idxs], dtype=torch.float32), [self.names[i] for i in idxs],
                 torch.as_tensor(self.votes[idxs]))
 
+# %% ../nbs/00_data.ipynb #9d223c8a
 class _Batches(Dataset):
-    "View of an `MHISTDataset` indexed by lists of row indices (for a `BatchSampler`)."
+    "View of an `MHISTDataset` indexed by `(seed, row indices)` pairs (from `EpochBatches`) or plain index lists."
     def __init__(self, ds): self.ds = ds
     def __len__(self): return len(self.ds)
-    def __getitem__(self, idxs): return self.ds.batch(idxs)
+    def __getitem__(self, key):
+        seed, idxs = key if isinstance(key, tuple) else (None, key)
+        return self.ds.batch(idxs, seed)
 
-# %% ../nbs/00_data.ipynb #e0c7b20c
+# %% ../nbs/00_data.ipynb #ab3692f7
 class EpochSampler(Sampler):
     "Indices in an order fixed by (seed, epoch): a permutation, or weighted draws with replacement."
     def __init__(self, n:int, seed:int=0, weights=None, num_samples:int|None=None):
@@ -328,6 +382,30 @@ class EpochSampler(Sampler):
         self.epoch += 1
         if self.weights is None: return iter(torch.randperm(self.n, generator=g).tolist())
         return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist())
+
+# %% ../nbs/00_data.ipynb #e6f7671a
+def batch_seed(seed:int, epoch:int, batch:int) -> int:
+    "A 32-bit seed for the augmentation of batch `batch` of epoch `epoch`."
+    return int(np.random.SeedSequence([abs(seed), epoch, batch]).generate_state(1)[0])
+
+class EpochBatches(Sampler):
+    "Batches of `sampler`'s indices as `(augmentation seed, indices)`, the seed fixed by (seed, epoch, batch number)."
+    def __init__(self, sampler, batch_size:int, seed:int=0, drop_last:bool=False):
+        self.sampler, self.batch_size, self.seed, self.drop_last, self.epoch = sampler, batch_size, seed, drop_last, 0
+    def set_epoch(self, epoch:int):
+        self.epoch = epoch
+        if hasattr(self.sampler, 'set_epoch'): self.sampler.set_epoch(epoch)
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+    def __iter__(self):
+        e = self.epoch
+        self.set_epoch(e); self.epoch = e + 1
+        it = iter(self.sampler)
+        for b in range(len(self)):
+            idxs = [i for _, i in zip(range(self.batch_size), it)]
+            if not idxs: return
+            yield batch_seed(self.seed, e, b), idxs
 
 # %% ../nbs/00_data.ipynb #8ed2de19
 def _class_counts(y) -> tuple[int, int]:
@@ -347,12 +425,53 @@ def balanced_sampler(y, seed:int=0, num_samples:int|None=None) -> EpochSampler:
     w = np.where(np.asarray(y).astype(int) == 1, 1 / n_pos, 1 / n_neg)
     return EpochSampler(len(w), seed, weights=w, num_samples=num_samples)
 
-# %% ../nbs/00_data.ipynb #5a4dfb8d
+# %% ../nbs/00_data.ipynb #2c408b8f
 def default_workers() -> int:
     "DataLoader workers: none on small machines (the cache makes loading cheap), else up to 4."
     n = os.cpu_count() or 1
     return 0 if n <= 2 else min(4, n // 2)
 
+# %% ../nbs/00_data.ipynb #7c853f37
+def resolve_data_device(data_device:str='auto', device:str='auto', nbytes:int=0, free_bytes:int|None=None) -> str:
+    "`workers`, or the device of the resident path; `auto`: the CUDA training device if the tiles need ≤ 25 % of its free memory."
+    if data_device == 'workers': return 'workers'
+    if data_device != 'auto':
+        try: torch.device(data_device)
+        except RuntimeError as e: raise ValueError(f"data_device must be 'auto', 'workers' or a torch device, got {data_device!r}") from e
+        return data_device
+    dev = torch.device(device) if device != 'auto' else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if dev.type != 'cuda': return 'workers'
+    free = torch.cuda.mem_get_info(dev)[0] if free_bytes is None else free_bytes
+    return str(dev) if nbytes <= 0.25 * free else 'workers'
+
+# %% ../nbs/00_data.ipynb #2b849a50
+def _to_device(t:torch.Tensor, device:torch.device) -> torch.Tensor:
+    "Copy a CPU tensor to `device` without blocking the host (through pinned memory for CUDA)."
+    if device.type == 'cuda': t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+class DeviceLoader:
+    "Batches of a split drawn by index from its uint8 tiles resident on `device`; the transform runs there, batched."
+    def __init__(self, ds:MHISTDataset, batches:EpochBatches, device):
+        self.dataset, self.batches, self.device = ds, batches, torch.device(device)
+        tiles = torch.from_numpy(ds.cache.take(ds.idx))                          # (N, H, W, 3) uint8, host
+        self.x = tiles.to(self.device).permute(0, 3, 1, 2).contiguous()           # (N, 3, H, W) uint8, device
+        self.y = torch.as_tensor(ds.labels, dtype=torch.float32).to(self.device)
+        self.tf = ds.transform.to(self.device) if ds.transform is not None else None
+
+    def __len__(self): return len(self.batches)
+    def set_epoch(self, epoch:int): self.batches.set_epoch(epoch)
+
+    def __iter__(self):
+        for seed, idxs in self.batches:
+            i = _to_device(torch.as_tensor(idxs), self.device)
+            x = self.x.index_select(0, i)
+            if self.tf is not None:
+                d = self.dataset.draws(len(idxs), seed)
+                x = self.tf(x, None if d is None else _to_device(d, self.device))
+            yield x, self.y.index_select(0, i), [self.dataset.names[j] for j in idxs], torch.as_tensor(self.dataset.votes[idxs])
+
+# %% ../nbs/00_data.ipynb #e3ebc330
 def _seed_worker(worker_id):
     s = torch.initial_seed() % 2**32
     np.random.seed(s); random.seed(s)
@@ -361,7 +480,8 @@ class MHISTData:
     "Validated, split and cached MHIST data with seeded, batched loaders (`train`, `val`, and `test` on request)."
     def __init__(self, data_dir, batch_size:int=32, val_frac:float=0.2, seed:int=42, cache:str='memory',
                  cache_dir=None, augment:dict|None=None, balance:bool=False, num_workers:int|None=None,
-                 include_test:bool=False, check_images:bool=True, size:int|None=None, progress:bool=False):
+                 include_test:bool=False, check_images:bool=True, size:int|None=None, progress:bool=False,
+                 data_device:str='auto', device:str='auto'):
         self.root, self.val_frac, self.seed = Path(data_dir), val_frac, seed
         df = read_mhist(self.root, check_images=False)
         cache_dir = Path(cache_dir) if cache_dir else self.root/'.mhist_cache'
@@ -373,8 +493,12 @@ class MHISTData:
         tr = self.df[self.df.split == 'train']
         self.mean, self.std = norm_stats(self.cache, tr.name)
         self.pos_weight = pos_weight(tr.y)
-        nw = default_workers() if num_workers is None else num_workers
+        n_resident = int((self.df.split != 'test').sum() + (include_test * (self.df.split == 'test').sum()))
+        self.data_device = resolve_data_device(data_device, device, n_resident * int(np.prod(self.cache.shape[1:])))
+        nw = (default_workers() if num_workers is None else num_workers) if self.data_device == 'workers' else 0
         if nw > 0: self.cache.warm()
+        pin = self.data_device == 'workers' and device != 'cpu' and torch.cuda.is_available() and torch.device(
+            'cuda' if device == 'auto' else device).type == 'cuda'
         tf_train = make_transform(self.mean, self.std, train=True, size=size, **(augment or {}))
         tf_eval = make_transform(self.mean, self.std, size=size)
         def dl(split, tf, train):
@@ -384,8 +508,10 @@ class MHISTData:
             if not train: order = SequentialSampler(ds)
             elif balance: order = balanced_sampler(ds.labels, seed)
             else: order = EpochSampler(len(ds), seed)
-            return DataLoader(_Batches(ds), sampler=BatchSampler(order, batch_size, drop_last=False), batch_size=None,
-                              num_workers=nw, worker_init_fn=_seed_worker, persistent_workers=nw > 0,
+            batches = EpochBatches(order, batch_size, seed)
+            if self.data_device != 'workers': return DeviceLoader(ds, batches, self.data_device)
+            return DataLoader(_Batches(ds), sampler=batches, batch_size=None, num_workers=nw, pin_memory=pin,
+                              worker_init_fn=_seed_worker, persistent_workers=nw > 0,
                               generator=torch.Generator().manual_seed(seed))
         self.train = dl('train', tf_train, True)
         self.val = dl('val', tf_eval, False)
@@ -393,4 +519,5 @@ class MHISTData:
 
     def __repr__(self):
         c = self.df.groupby(['split', 'label']).size().unstack(fill_value=0)
-        return f'MHISTData({self.root}, mean={np.round(self.mean, 3).tolist()}, std={np.round(self.std, 3).tolist()})\n{c}'
+        return (f'MHISTData({self.root}, data_device={self.data_device!r}, mean={np.round(self.mean, 3).tolist()}, '
+                f'std={np.round(self.std, 3).tolist()})\n{c}')

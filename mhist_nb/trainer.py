@@ -16,7 +16,7 @@ from .models import freeze_body, unfreeze
 __all__ = ['PER_STEP_SCHEDULERS', 'seed_everything', 'pick_device', 'amp_dtype', 'Selector', 'Callback', 'Trainer', 'predict',
            'evaluate', 'save_checkpoint', 'load_checkpoint', 'restore_best', 'fit', 'fit_two_stage']
 
-# %% ../nbs/05_trainer.ipynb #6a343a94
+# %% ../nbs/05_trainer.ipynb #1038ffd2
 def seed_everything(seed:int):
     "Seed Python, NumPy and PyTorch (CPU and CUDA)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
@@ -30,47 +30,59 @@ def pick_device(device:str='auto') -> torch.device:
     return torch.device('cpu')
 
 def amp_dtype(amp:str, device:torch.device):
-    "Autocast dtype: `auto` is bf16 on CUDA (where supported) and off elsewhere; or `bf16`, `fp16`, `off`."
+    "Autocast dtype: `auto` is bf16 on a CUDA GPU that supports it, fp16 (with loss scaling) on older ones (T4), off elsewhere."
     if amp not in ('auto', 'bf16', 'fp16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
-    if amp == 'auto': return torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
+    if amp == 'auto':
+        if device.type != 'cuda': return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
-# %% ../nbs/05_trainer.ipynb #8604a99d
+# %% ../nbs/05_trainer.ipynb #694d305d
 @dataclass
 class Selector:
-    "Keep the epoch with the best `monitor` (`mode` max or min) among those meeting every floor in `floors`."
+    "Keep the epoch with the best `monitor` (`mode` max or min) among those meeting every floor; else the `fallback` rule's best."
     monitor: str = 'val_auc'
     mode: str = 'max'
     floors: dict = field(default_factory=dict)
+    fallback: dict = field(default_factory=lambda: dict(monitor='val_auc', mode='max'))
 
     def __post_init__(self):
         if self.mode not in ('max', 'min'): raise ValueError(f"Selector mode must be 'max' or 'min', got {self.mode!r}")
+        unknown = set(self.fallback) - {'monitor', 'mode'}
+        if unknown or 'monitor' not in self.fallback or self.fallback.get('mode', 'max') not in ('max', 'min'):
+            raise ValueError(f"Selector fallback must be a mapping with 'monitor' and optionally 'mode' (max/min), got {self.fallback!r}")
 
     def eligible(self, m:dict) -> bool:
         "Does the metrics row `m` meet every floor?"
-        missing = [k for k in [self.monitor, *self.floors] if k not in m]
+        missing = [k for k in [self.monitor, self.fallback['monitor'], *self.floors] if k not in m]
         if missing: raise KeyError(f'Selector needs metric(s) {missing}; available: {sorted(m)}')
         return all(m[k] >= v for k, v in self.floors.items())
 
-    def better(self, m:dict, best:dict|None) -> bool:
-        "Is `m` strictly better than `best` on the monitored metric (NaN never is)?"
-        v = m[self.monitor]
+    def better(self, m:dict, best:dict|None, fallback:bool=False) -> bool:
+        "Is `m` strictly better than `best` on the monitored (or the fallback) metric? NaN never is."
+        key, mode = (self.fallback['monitor'], self.fallback.get('mode', 'max')) if fallback else (self.monitor, self.mode)
+        v = m[key]
         if v is None or (isinstance(v, float) and math.isnan(v)): return False
         if best is None: return True
-        return v > best[self.monitor] if self.mode == 'max' else v < best[self.monitor]
+        return v > best[key] if mode == 'max' else v < best[key]
 
-# %% ../nbs/05_trainer.ipynb #0a9df5a2
+    def describe(self, fallback:bool=False) -> str:
+        "The rule in words."
+        if fallback: return f"fallback: best {self.fallback['monitor']} ({self.fallback.get('mode', 'max')}), no epoch met {self.floors}"
+        return f'best {self.monitor} ({self.mode})' + (f' with {self.floors}' if self.floors else '')
+
+# %% ../nbs/05_trainer.ipynb #7c47dbe4
 class Callback:
     "Base class: override any hook; each receives the trainer."
     def on_fit_start(self, trainer): pass
     def on_stage_start(self, trainer, stage:str): pass
     def on_epoch_start(self, trainer, epoch:int): pass
-    def on_batch_end(self, trainer, batch:int, loss:float): pass
+    def on_batch_end(self, trainer, batch:int, loss:torch.Tensor): pass   # loss: 0-dim, on the device; float() syncs
     def on_epoch_end(self, trainer, row:dict): pass
     def on_checkpoint(self, trainer, path:Path, is_best:bool): pass
     def on_fit_end(self, trainer): pass
 
-# %% ../nbs/05_trainer.ipynb #4dfc7e58
+# %% ../nbs/05_trainer.ipynb #1c29c464
 def _logits(out) -> torch.Tensor:
     "Model output as (B,) float32 logits."
     out = out.logits if hasattr(out, 'logits') else out
@@ -84,21 +96,38 @@ def _atomic_save(obj, path:Path):
     finally:
         if os.path.exists(tmp): os.unlink(tmp)
 
+# %% ../nbs/05_trainer.ipynb #2aaa7d44
+def _plain(v):
+    "Metric values as plain Python (NumPy scalars to float/int), so checkpoints load with `weights_only=True`."
+    if isinstance(v, dict): return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)): return type(v)(_plain(x) for x in v)
+    if isinstance(v, np.generic): return v.item()
+    return v
+
 def _rng_state() -> dict:
-    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    "RNG states of Python, NumPy and torch (CPU, CUDA) as tensors and plain values."
+    npk = np.random.get_state()
+    s = dict(python=list(random.getstate()), numpy=[npk[0], npk[1].tolist(), int(npk[2]), int(npk[3]), float(npk[4])],
+             torch=torch.get_rng_state())
     if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
     return s
 
 def _set_rng_state(s:dict):
-    random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
+    "Restore `_rng_state()`; tensors are moved to the CPU first, as the RNG setters require."
+    v, state, g = s['python']
+    random.setstate((v, tuple(state), g))
+    n = s['numpy']; np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(s['torch'].cpu())
+    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
 
 def _set_epoch(dl, epoch:int):
-    "Tell the loader's sampler (if it follows the `set_epoch` protocol) which epoch is starting."
-    for s in (getattr(getattr(dl, 'batch_sampler', None), 'sampler', None), getattr(dl, 'sampler', None)):
-        if hasattr(s, 'set_epoch'): s.set_epoch(epoch); return
+    "Tell the loader (or the first sampler inside it with the `set_epoch` protocol) which epoch is starting."
+    for s in (dl, getattr(dl, 'batch_sampler', None), getattr(dl, 'sampler', None)):
+        while s is not None:
+            if hasattr(s, 'set_epoch'): s.set_epoch(epoch); return
+            s = getattr(s, 'sampler', None)
 
-# %% ../nbs/05_trainer.ipynb #a0924d0d
+# %% ../nbs/05_trainer.ipynb #76a67c68
 class Trainer:
     "Train, select, checkpoint, evaluate and predict a binary (SSA vs HP) single-logit classifier."
     def __init__(self, model:nn.Module, lr:float=1e-3, optimizer:str='adamw', weight_decay:float=0.01,
@@ -106,7 +135,7 @@ class Trainer:
                  grad_clip:float|None=None, accum_steps:int=1, pos_weight:float|None=None,
                  selector:Selector|dict|None=None, patience:int|None=None, min_delta:float=0., threshold:float=0.5,
                  amp:str='auto', device:str='auto', seed:int=42, ckpt_dir=None, save_last:bool=True, callbacks=(),
-                 quiet:bool=False):
+                 quiet:bool=False, compile:bool|str=False):
         if optimizer not in ('adamw', 'sgd'): raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         if scheduler not in (None, 'none', 'step', 'cosine', 'onecycle', 'plateau'):
             raise ValueError(f"scheduler must be one of None, 'step', 'cosine', 'onecycle', 'plateau'; got {scheduler!r}")
@@ -115,12 +144,14 @@ class Trainer:
                        scheduler=None if scheduler == 'none' else scheduler, warmup_epochs=warmup_epochs,
                        step_size=step_size, gamma=gamma, grad_clip=grad_clip, accum_steps=accum_steps,
                        pos_weight=None if pos_weight is None else float(pos_weight), patience=patience,
-                       min_delta=min_delta, threshold=threshold, amp=amp, seed=seed)
+                       min_delta=min_delta, threshold=threshold, amp=amp, seed=seed, compile=compile)
         self.selector = Selector(**selector) if isinstance(selector, dict) else (selector or Selector())
         self.device = pick_device(device)
         self.amp = amp_dtype(amp, self.device)
         seed_everything(seed)
         self.model = model.to(self.device)
+        backend = compile if isinstance(compile, str) else 'inductor'
+        self.train_model = torch.compile(self.model, backend=backend) if compile else self.model   # shares the weights
         self.loss_fn = nn.BCEWithLogitsLoss(
             pos_weight=None if pos_weight is None else torch.tensor(float(pos_weight), device=self.device))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -131,6 +162,12 @@ class Trainer:
 
     def _cb(self, hook, *args):
         for c in self.callbacks: getattr(c, hook)(self, *args)
+
+    @property
+    def selected_by(self) -> str|None:
+        "Which rule chose the kept epoch: the selector's, or its fallback when no epoch met the floors."
+        if self.best is not None: return self.selector.describe()
+        return self.selector.describe(fallback=True) if self.best_any is not None else None
 
 # %% ../nbs/05_trainer.ipynb #f7212b65
 def _build_opt(self:Trainer, lr:float, epochs:int, steps_per_epoch:int):
@@ -157,55 +194,61 @@ def _build_opt(self:Trainer, lr:float, epochs:int, steps_per_epoch:int):
 Trainer._build_opt = _build_opt
 PER_STEP_SCHEDULERS = ('cosine', 'onecycle')
 
-# %% ../nbs/05_trainer.ipynb #d22eef81
+# %% ../nbs/05_trainer.ipynb #8ea0a3e8
 def _train_epoch(self:Trainer, dl, epoch:int) -> dict:
     "Train one epoch; return train loss and metrics."
     from tqdm.auto import tqdm
     self.model.train()
     hp, acc = self.hp, self.hp['accum_steps']
-    losses, ys, ps, n = [], [], [], len(dl)
+    losses, ys, ps, n, in_group = [], [], [], len(dl), 0
+    params = [p for p in self.model.parameters() if p.requires_grad]
     self.opt.zero_grad(set_to_none=True)
     bar = tqdm(dl, desc=f'epoch {epoch} [{self.stage}]', leave=False, disable=self.quiet)
     for b, batch in enumerate(bar):
-        x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device).float()
+        x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True).float()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            logits = _logits(self.model(x))
+            logits = _logits(self.train_model(x))
         loss = self.loss_fn(logits, y)
-        lv = loss.item()                                       # the one host sync per batch
-        if not math.isfinite(lv):
-            kept = self.ckpt_dir/('last.pt' if self.save_last else 'best.pt')
-            raise FloatingPointError(f'non-finite loss ({lv}) at epoch {epoch}, batch {b}; training stopped. '
-                                     f'The last good checkpoint is {kept}')
-        self.scaler.scale(loss / acc).backward()
+        self.scaler.scale(loss * len(y) if acc > 1 else loss).backward()
+        in_group += len(y)
         if (b + 1) % acc == 0 or b + 1 == n:
+            if acc > 1: torch._foreach_div_([p.grad for p in params if p.grad is not None], float(in_group))
             if hp['grad_clip']:
                 self.scaler.unscale_(self.opt)
-                nn.utils.clip_grad_norm_(self.model.parameters(), hp['grad_clip'])
+                nn.utils.clip_grad_norm_(params, hp['grad_clip'])
             self.scaler.step(self.opt); self.scaler.update(); self.opt.zero_grad(set_to_none=True)
             if self.sched is not None and hp['scheduler'] in PER_STEP_SCHEDULERS: self.sched.step()
-        losses.append(lv * len(y)); ys.append(y.detach().cpu()); ps.append(torch.sigmoid(logits.detach()).cpu())
-        bar.set_postfix(loss=f'{lv:.4f}')
-        self._cb('on_batch_end', b, lv)
-    y, p = torch.cat(ys).numpy(), torch.cat(ps).numpy()
-    return dict(loss=sum(losses) / len(y), **all_metrics(y, p, hp['threshold']))
+            in_group = 0
+        loss = loss.detach()
+        losses.append(loss * len(y)); ys.append(y); ps.append(torch.sigmoid(logits.detach()))
+        if not self.quiet and b % 25 == 0: bar.set_postfix(loss=f'{loss.item():.4f}')
+        self._cb('on_batch_end', b, loss)
+    per_batch = torch.stack(losses)
+    bad = (~torch.isfinite(per_batch)).nonzero()                # the epoch's one host synchronisation
+    if len(bad):
+        kept = self.ckpt_dir/('last.pt' if self.save_last else 'best.pt')
+        i = int(bad[0])
+        raise FloatingPointError(f'non-finite loss ({per_batch[i].item() / len(ys[i])}) at epoch {epoch}, batch {i}; '
+                                 f'training stopped. The last good checkpoint is {kept}')
+    y, p = torch.cat(ys).cpu().numpy(), torch.cat(ps).cpu().numpy()
+    return dict(loss=per_batch.sum().item() / len(y), **all_metrics(y, p, hp['threshold']))
 
 Trainer._train_epoch = _train_epoch
 
-# %% ../nbs/05_trainer.ipynb #a338c389
+# %% ../nbs/05_trainer.ipynb #52cce2f2
 @torch.no_grad()
 def predict(self:Trainer, dl) -> pd.DataFrame:
-    "Probabilities of SSA for every image of `dl`: name, y, votes, logit, p."
+    "Probabilities of SSA (float32, no autocast) for every image of `dl`: name, y, votes, logit, p."
     self.model.eval()
     out = dict(name=[], y=[], votes=[], logit=[])
     for batch in dl:
         x = batch[0].to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out['logit'].append(_logits(self.model(x)).cpu())
+        out['logit'].append(_logits(self.model(x.float())))
         out['y'].append(batch[1].float().cpu())
         k = len(batch[0])
         out['name'] += list(batch[2]) if len(batch) > 2 else [None] * k
         out['votes'].append(torch.as_tensor(batch[3]) if len(batch) > 3 else torch.full((k,), -1))
-    logit = torch.cat(out['logit'])
+    logit = torch.cat(out['logit']).cpu()
     return pd.DataFrame(dict(name=out['name'], y=torch.cat(out['y']).int().numpy(), votes=torch.cat(out['votes']).numpy(),
                              logit=logit.numpy(), p=torch.sigmoid(logit).numpy()))
 
@@ -218,36 +261,37 @@ def evaluate(self:Trainer, dl, threshold:float|None=None) -> dict:
 
 Trainer.predict, Trainer.evaluate = predict, evaluate
 
-# %% ../nbs/05_trainer.ipynb #78b2a4ec
+# %% ../nbs/05_trainer.ipynb #2009446b
 def save_checkpoint(self:Trainer, path:Path):
-    "Everything needed to continue training, written atomically."
+    "Everything needed to continue training, written atomically (tensors and plain Python values only)."
     _atomic_save(dict(model=self.model.state_dict(), optimizer=self.opt.state_dict() if self.opt else None,
                       scheduler=self.sched.state_dict() if self.sched else None, scaler=self.scaler.state_dict(),
                       epoch=self.epoch, stage=self.stage, stage_start=self.stage_start, rng=_rng_state(),
-                      history=self.history, best=self.best, best_any=self.best_any, hp=self.hp,
-                      selector=asdict(self.selector), trainable=[p.requires_grad for p in self.model.parameters()]),
+                      history=_plain(self.history), best=_plain(self.best), best_any=_plain(self.best_any),
+                      hp=_plain(self.hp), selector=asdict(self.selector),
+                      trainable=[p.requires_grad for p in self.model.parameters()]),
                  Path(path))
 
 def load_checkpoint(self:Trainer, path) -> dict:
-    "Restore a `last.pt` written by `save_checkpoint`; return it (optimizer state is applied when its stage starts)."
+    "Restore a `last.pt` written by `save_checkpoint` (read on the CPU, `weights_only`); return it."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'checkpoint to resume from not found: {path}')
-    ck = torch.load(path, map_location=self.device, weights_only=False)
-    self.model.load_state_dict(ck['model'])
+    ck = torch.load(path, map_location='cpu', weights_only=True)
+    self.model.load_state_dict(ck['model'])                     # copies onto the model's device
     for p, t in zip(self.model.parameters(), ck['trainable']): p.requires_grad_(t)
     self.epoch, self.stage, self.stage_start, self.history = ck['epoch'], ck['stage'], ck['stage_start'], ck['history']
     self.best, self.best_any = ck['best'], ck['best_any']
     best_file = path.parent/'best.pt'
-    if best_file.is_file(): self.best_state = torch.load(best_file, map_location='cpu', weights_only=False)['model']
+    if best_file.is_file(): self.best_state = torch.load(best_file, map_location='cpu', weights_only=True)['model']
     self.scaler.load_state_dict(ck['scaler'])
     _set_rng_state(ck['rng'])
-    return ck
+    return ck                                    # optimizer state is applied when its stage starts (onto the device)
 
 def restore_best(self:Trainer) -> dict|None:
     "Load the selected epoch's weights into the model; return its metrics row."
     if self.best is None and self.best_any is not None:
-        warnings.warn(f'no epoch met the floors {self.selector.floors}; keeping the best epoch by '
-                      f'{self.selector.monitor} alone (epoch {self.best_any["epoch"]})')
+        warnings.warn(f'no epoch met the floors {self.selector.floors}; keeping the epoch chosen by the fallback rule, '
+                      f'best {self.selector.fallback["monitor"]} (epoch {self.best_any["epoch"]})')
     row = self.best or self.best_any
     if self.best_state is not None: self.model.load_state_dict(self.best_state)
     return row
@@ -255,7 +299,7 @@ def restore_best(self:Trainer) -> dict|None:
 Trainer.save_checkpoint, Trainer.load_checkpoint, Trainer.restore_best = save_checkpoint, load_checkpoint, restore_best
 Trainer.history_df = property(lambda self: pd.DataFrame(self.history))
 
-# %% ../nbs/05_trainer.ipynb #2ec69167
+# %% ../nbs/05_trainer.ipynb #5eb06270
 def _stage(self:Trainer, train_dl, val_dl, end:int, lr:float, ck:dict|None=None):
     "Run the current stage up to epoch `end` (exclusive), resuming optimizer state from `ck` if it is this stage's."
     from tqdm.auto import tqdm
@@ -279,18 +323,19 @@ def _stage(self:Trainer, train_dl, val_dl, end:int, lr:float, ck:dict|None=None)
         t0, lr_now = time.perf_counter(), self.opt.param_groups[0]['lr']
         tr = self._train_epoch(train_dl, epoch)
         va = self.evaluate(val_dl)
-        row = dict(epoch=epoch, stage=self.stage, lr=lr_now, seconds=time.perf_counter() - t0,
-                   **{f'train_{k}': v for k, v in tr.items() if k != 'threshold'},
-                   **{f'val_{k}': v for k, v in va.items() if k != 'threshold'})
+        row = _plain(dict(epoch=epoch, stage=self.stage, lr=lr_now, seconds=time.perf_counter() - t0,
+                          **{f'train_{k}': v for k, v in tr.items() if k != 'threshold'},
+                          **{f'val_{k}': v for k, v in va.items() if k != 'threshold'}))
         if self.sched is not None and hp['scheduler'] == 'step': self.sched.step()
         if self.sched is not None and hp['scheduler'] == 'plateau': self.sched.step(va['loss'])
+        row['meets_floors'] = self.selector.eligible(row)
         self.history.append(row)
-        eligible = self.selector.eligible(row)
-        if self.selector.better(row, self.best_any): self.best_any = row
-        if eligible and self.selector.better(row, self.best): self.best = row
+        if self.selector.better(row, self.best_any, fallback=True): self.best_any = row
+        if row['meets_floors'] and self.selector.better(row, self.best): self.best = row
         if self.best is row or (self.best is None and self.best_any is row):
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            _atomic_save(dict(model=self.best_state, metrics=row, selector=asdict(self.selector)), self.ckpt_dir/'best.pt')
+            _atomic_save(dict(model=self.best_state, metrics=row, selector=asdict(self.selector),
+                              selected_by=self.selected_by), self.ckpt_dir/'best.pt')
             self._cb('on_checkpoint', self.ckpt_dir/'best.pt', True)
         if self.save_last:
             self.save_checkpoint(self.ckpt_dir/'last.pt')
