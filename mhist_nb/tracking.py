@@ -5,6 +5,7 @@
 # %% ../nbs/06_tracking.ipynb #0263ba24
 from __future__ import annotations
 import json, os, platform, subprocess, tempfile, time, warnings
+from dataclasses import asdict
 from pathlib import Path
 import numpy as np, pandas as pd
 from .trainer import Callback
@@ -128,8 +129,7 @@ class MLflowCallback(Callback):
             exp = get_experiment_id(self.client, self.experiment, self.uri)
             self.run_id = self.client.create_run(exp, run_name=self.run_name).info.run_id
             self.own_run = True
-        p = dict(trainer=trainer.hp, selector=dict(monitor=trainer.selector.monitor, mode=trainer.selector.mode,
-                 floors=trainer.selector.floors), model=dict(cls=type(trainer.model).__name__, **model_summary(trainer.model)),
+        p = dict(trainer=trainer.hp, selector=asdict(trainer.selector), model=dict(cls=type(trainer.model).__name__, **model_summary(trainer.model)),
                  device=str(trainer.device), amp=str(trainer.amp), git_commit=git_commit(), versions=versions(), **self.extra)
         if self.data is not None:
             d = self.data
@@ -165,6 +165,7 @@ class MLflowCallback(Callback):
             ms += [Metric(f'best_{k}', float(v), ts, 0) for k, v in best.items()
                    if isinstance(v, (int, float, np.number)) and np.isfinite(v)]
             self.client.set_tag(self.run_id, 'mhist.best_epoch', str(best['epoch']))
+            self.client.set_tag(self.run_id, 'mhist.selected_by', trainer.selected_by)
         self.client.log_batch(self.run_id, metrics=ms)
         fig = plot_history(hist); self.client.log_figure(self.run_id, fig, 'figures/curves.png'); plt.close(fig)
         if self.val_dl is not None:
@@ -207,7 +208,7 @@ def save_experiment(out_dir, family:str, trainer, data, cb:MLflowCallback, model
                 run_id=cb.run_id if cb.enabled else None, tracking_uri=cb.uri, experiment=cb.experiment,
                 mean=data.mean, std=data.std, input_size=input_size, class_names=['HP', 'SSA'], data_dir=str(data.root),
                 data_fingerprint=data.cache.key, val_frac=data.val_frac, seed=data.seed, params=count_parameters(trainer.model), train_seconds=train_seconds,
-                best_epoch=int(best['epoch']), best_val_auc=float(best['val_auc']),
+                best_epoch=int(best['epoch']), best_val_auc=float(best['val_auc']), selected_by=trainer.selected_by,
                 predictions=dict(val=str(files['val']), test=str(files['test'])))
     files['run'].write_text(json.dumps(info, indent=2))
     log_outputs(cb, [files[k] for k in ('val', 'test', 'metrics', 'run')], 'predictions', metrics=dict(train_seconds=train_seconds))
