@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mhist-installed
 REPORTS ?= reports/demo
 
-.PHONY: demo test install nbtest pytest bench export clean-demo help
+.PHONY: demo test install nbtest pytest bench export clean-demo help gpu-check
 help:
 	@echo "make demo   - the pipeline of params/demo.yaml on synthetic tiles into $(REPORTS)/ (MLflow: mlflow.db)"
 	@echo "make test   - nbdev-test (including #| slow cells) and pytest"
 	@echo "make bench  - benchmark tables (benchmarks/*.py)"
+	@echo "make gpu-check - on a GPU box, with the python3 on PATH (no install): GPU tests, GPU benchmark, GPU smoke pipeline"
 
 install: $(STAMP)
 
@@ -46,3 +47,16 @@ export: $(STAMP)
 
 clean-demo:
 	rm -rf $(REPORTS) data/synth
+
+# On a machine with a GPU and a prepared Python (no network needed): the python3 on PATH must have torch; the project
+# is used from this checkout through PYTHONPATH. Without CUDA it says so and succeeds.
+GPU_PY ?= python3
+gpu-check:
+	@if ! $(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  echo "make gpu-check: no CUDA GPU visible to $(GPU_PY) (or no torch): nothing to check"; exit 0; fi; \
+	export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; set -e; \
+	$(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py; \
+	$(GPU_PY) benchmarks/gpu.py; \
+	if $(GPU_PY) -c "import papermill, mlflow, nbconvert, ipykernel" 2>/dev/null; then \
+	  $(GPU_PY) -c "import sys; from mhist_nb.cli import main; sys.exit(main(sys.argv[1:]))" run params/gpu_smoke.yaml; \
+	else echo "papermill, mlflow, nbconvert or ipykernel not importable: the smoke pipeline (params/gpu_smoke.yaml) is skipped"; fi

@@ -456,7 +456,7 @@ class DeviceLoader:
         self.dataset, self.batches, self.device = ds, batches, torch.device(device)
         tiles = torch.from_numpy(ds.cache.take(ds.idx))                          # (N, H, W, 3) uint8, host
         self.x = tiles.to(self.device).permute(0, 3, 1, 2).contiguous()           # (N, 3, H, W) uint8, device
-        self.y = torch.as_tensor(ds.labels, dtype=torch.float32).to(self.device)
+        self.y = torch.tensor(ds.labels, dtype=torch.float32).to(self.device)
         self.tf = ds.transform.to(self.device) if ds.transform is not None else None
 
     def __len__(self): return len(self.batches)
