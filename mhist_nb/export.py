@@ -202,8 +202,10 @@ def classify(manifest:dict, session:ort.InferenceSession, images) -> dict:
 def model_from_run(run:dict) -> nn.Module:
     "The trained model of a run json: `create(model, **model_kw)` with the checkpoint's `model` state dict, in eval mode."
     from mhist_nb.models import create
-    try: ckpt = torch.load(run['checkpoint'], map_location='cpu', weights_only=False, mmap=True)
-    except RuntimeError: ckpt = torch.load(run['checkpoint'], map_location='cpu', weights_only=False)   # an old, non-zip file
+    try: ckpt = torch.load(run['checkpoint'], map_location='cpu', weights_only=True, mmap=True)   # tensors and plain values only
+    except RuntimeError as e:
+        if 'mmap' not in str(e): raise
+        ckpt = torch.load(run['checkpoint'], map_location='cpu', weights_only=True)   # an old, non-zip file
     sd = ckpt['model'] if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) else ckpt
     kw = dict(run.get('model_kw') or {})
     with torch.device('meta'): model = create(run['model'], **kw)

@@ -175,6 +175,12 @@ def bootstrap_ci(y, p, metric='auc', n_resamples:int=1000, confidence:float=0.95
     return dict(estimate=float(est[0]), low=float(lo[0]), high=float(hi[0]), n_resamples=int(n_resamples))
 
 # %% ../nbs/03_metrics.ipynb #f47aa97c
+def _p_two_sided(d:np.ndarray) -> tuple[float, bool]:
+    "Two-sided bootstrap p-value of the differences `d`, and whether it is the bound 2 / len(d) (no `d` across zero)."
+    if np.isnan(d).any(): return float('nan'), False
+    k = min((d <= 0).sum(), (d >= 0).sum())              # resamples on the less frequent side of zero (ties on both)
+    return (min(1.0, 2 * k / len(d)), False) if k else (2 / len(d), True)
+
 def paired_bootstrap(y, p_a, p_b, metric='auc', n_resamples:int=1000, confidence:float=0.95, seed:int=0,
                      threshold:float=0.5) -> dict:
     "`metric(a) - metric(b)` on the same stratified resamples: estimate, percentile interval, two-sided p-value."
@@ -185,8 +191,10 @@ def paired_bootstrap(y, p_a, p_b, metric='auc', n_resamples:int=1000, confidence
     est = diff(np.arange(len(y))[None])[0]
     d = diff(_resample(y, int(n_resamples), np.random.default_rng(seed)))
     lo, hi = _percentiles(d, confidence)
-    p_value = float('nan') if np.isnan(d).any() else min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))
-    return dict(estimate=float(est), low=float(lo), high=float(hi), p_value=float(p_value))
+    p, bound = _p_two_sided(d)
+    text = f'< {p:.2g}' if bound else 'n/a' if np.isnan(p) else f'{p:.3g}'
+    return dict(estimate=float(est), low=float(lo), high=float(hi), p_value=float(p), p_bound=bound, p_text=text,
+                n_resamples=int(n_resamples))
 
 # %% ../nbs/03_metrics.ipynb #19c03c26
 REPORT_METRICS = ('auc', 'ap', 'log_loss', 'brier', 'ece', 'sensitivity', 'specificity', 'ppv', 'npv',

@@ -5,6 +5,7 @@
 # %% ../nbs/05_trainer.ipynb #78575d2a
 from __future__ import annotations
 import copy, math, os, random, tempfile, time, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -236,6 +237,14 @@ def _train_epoch(self:Trainer, dl, epoch:int) -> dict:
 Trainer._train_epoch = _train_epoch
 
 # %% ../nbs/05_trainer.ipynb #52cce2f2
+@contextmanager
+def _full_fp32():
+    "Plain float32 matmuls and convolutions on CUDA (no TF32), restored afterwards."
+    mm, cd = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try: yield
+    finally: torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = mm, cd
+
 @torch.no_grad()
 def predict(self:Trainer, dl) -> pd.DataFrame:
     "Probabilities of SSA (float32, no autocast) for every image of `dl`: name, y, votes, logit, p."
@@ -243,7 +252,7 @@ def predict(self:Trainer, dl) -> pd.DataFrame:
     out = dict(name=[], y=[], votes=[], logit=[])
     for batch in dl:
         x = batch[0].to(self.device, non_blocking=True)
-        out['logit'].append(_logits(self.model(x.float())))
+        with _full_fp32(): out['logit'].append(_logits(self.model(x.float())))
         out['y'].append(batch[1].float().cpu())
         k = len(batch[0])
         out['name'] += list(batch[2]) if len(batch) > 2 else [None] * k
