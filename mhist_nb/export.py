@@ -10,17 +10,14 @@ from pathlib import Path
 import numpy as np, torch
 from torch import nn
 import onnx, onnxruntime as ort
+from .serve import (INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, MANIFEST_REQUIRED, sigmoid, sha256, check_manifest,
+                             read_manifest, ort_session, onnx_logits, open_model, preprocess, classify)
 
 # %% auto #0
-__all__ = ['INPUT_NAME', 'OUTPUT_NAME', 'CLASS_NAMES', 'INT8_OPS', 'MANIFEST_REQUIRED', 'export_onnx', 'ort_session',
-           'onnx_logits', 'torch_logits', 'parity', 'quantize_int8', 'latency', 'sha256', 'export_versions',
-           'write_manifest', 'read_manifest', 'open_model', 'preprocess', 'classify', 'model_from_run',
-           'read_threshold', 'log_artifacts']
+__all__ = ['INT8_OPS', 'export_onnx', 'torch_logits', 'parity', 'quantize_int8', 'latency', 'export_versions', 'write_manifest',
+           'model_from_run', 'read_threshold', 'log_artifacts']
 
 # %% ../nbs/13_onnx.ipynb #277c50ae
-INPUT_NAME, OUTPUT_NAME = 'image', 'logit'
-CLASS_NAMES = ('HP', 'SSA')
-
 def export_onnx(model:nn.Module, path, input_size:int=224, opset:int=17) -> Path:
     "Export `model` in eval mode to ONNX `path`: 'image' (N, 3, S, S) float32 -> 'logit' (N, 1), N dynamic; checked."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,19 +37,6 @@ def export_onnx(model:nn.Module, path, input_size:int=224, opset:int=17) -> Path
     return path
 
 # %% ../nbs/13_onnx.ipynb #f6c7fdd2
-def ort_session(path, threads:int|None=None) -> ort.InferenceSession:
-    "An ONNX Runtime CPU session for `path`, all graph optimisations on; `threads` fixes the intra-op thread count."
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads: so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
-    return ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
-
-def onnx_logits(session:ort.InferenceSession, x) -> np.ndarray:
-    "Logits (N,) of `session` for a normalised batch `x` (N, 3, H, W), numpy or torch."
-    if isinstance(x, torch.Tensor): x = x.detach().cpu().numpy()
-    return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0].reshape(-1)
-
 def torch_logits(model:nn.Module, x) -> np.ndarray:
     "Logits (N,) of `model` in eval mode for a normalised batch `x` (its training mode is restored)."
     was_training = model.training
@@ -92,44 +76,11 @@ def latency(fn, runs:int=20, warmup:int=2) -> dict:
     return dict(p50_ms=float(np.percentile(ts, 50)), p95_ms=float(np.percentile(ts, 95)), runs=runs)
 
 # %% ../nbs/13_onnx.ipynb #9e187b68
-MANIFEST_REQUIRED = ('model', 'family', 'onnx', 'sha256', 'input', 'output', 'mean', 'std', 'class_names',
-                     'threshold', 'threshold_rule')
-
-def sha256(path) -> str:
-    "Hex sha256 of the file `path`, read in 1 MB blocks."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
-
 def export_versions() -> dict:
     "Versions of what made and runs the exported file: torch, onnx, onnxruntime, mhist_nb, numpy and python."
     import mhist_nb
     return dict(torch=torch.__version__, onnx=onnx.__version__, onnxruntime=ort.__version__,
                 mhist_nb=mhist_nb.__version__, numpy=np.__version__, python=platform.python_version())
-
-# %% ../nbs/13_onnx.ipynb #98c3c0c1
-def _bad(where, msg): return ValueError(f'{where}: {msg}')
-
-def _check_manifest(m:dict, where) -> None:
-    "Raise a ValueError naming `where` if the manifest `m` lacks a required key or holds an impossible value."
-    if not isinstance(m, dict): raise _bad(where, f'a manifest is a JSON object, got {type(m).__name__}')
-    missing = [k for k in MANIFEST_REQUIRED if k not in m]
-    if missing: raise _bad(where, f'manifest lacks required key(s) {missing}')
-    i, o = m['input'], m['output']
-    if not (isinstance(i, dict) and {'name', 'shape', 'dtype'} <= set(i) and len(i['shape']) == 4 and i['shape'][1] == 3):
-        raise _bad(where, f"input must be {{name, shape [N, 3, H, W], dtype}}, got {i!r}")
-    if not (isinstance(o, dict) and {'name', 'activation', 'positive_class'} <= set(o)):
-        raise _bad(where, f"output must be {{name, activation, positive_class}}, got {o!r}")
-    for k in ('mean', 'std'):
-        v = m[k]
-        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(a, (int, float)) for a in v)):
-            raise _bad(where, f'{k} must be 3 numbers (R, G, B), got {v!r}')
-    if min(m['std']) <= 0: raise _bad(where, f"std must be positive, got {m['std']}")
-    if len(m['class_names']) != 2 or o['positive_class'] not in m['class_names']:
-        raise _bad(where, f"class_names must be two names including positive_class {o['positive_class']!r}, got {m['class_names']}")
-    t = m['threshold']
-    if not (isinstance(t, (int, float)) and 0 <= t <= 1): raise _bad(where, f'threshold must be in [0, 1], got {t!r}')
 
 # %% ../nbs/13_onnx.ipynb #cf07d4ce
 def write_manifest(path, *, onnx, model:str, family:str, mean, std, threshold:float=0.5, threshold_rule:str='fixed',
@@ -137,7 +88,7 @@ def write_manifest(path, *, onnx, model:str, family:str, mean, std, threshold:fl
     "Write the JSON manifest `path` for the model file `onnx` (hashed; named relative to `path`) and return it."
     path = Path(path); model_file = Path(onnx)
     if not model_file.is_absolute() and (path.parent / model_file).is_file(): model_file = path.parent / model_file
-    if not model_file.is_file(): raise _bad(path, f'the model file {model_file} does not exist')
+    if not model_file.is_file(): raise ValueError(f'{path}: ' + f'the model file {model_file} does not exist')
     m = dict(model=model, family=family, onnx=Path(os.path.relpath(model_file.resolve(), path.parent.resolve())).as_posix(),
              sha256=sha256(model_file),
              input=dict(name=INPUT_NAME, shape=[None, 3, int(input_size), int(input_size)], dtype='float32'),
@@ -149,54 +100,11 @@ def write_manifest(path, *, onnx, model:str, family:str, mean, std, threshold:fl
              metrics={k: (None if isinstance(v, float) and v != v else v) for k, v in (metrics or {}).items()},  # NaN is not JSON
              versions=export_versions(),
              created=datetime.now(timezone.utc).isoformat(timespec='seconds'), **extra)
-    _check_manifest(m, path)
+    check_manifest(m, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(m, indent=2))
     return m
 
-def read_manifest(path, verify:bool=True) -> dict:
-    "Read and check the manifest `path`; with `verify` the model file must exist with the recorded sha256. Adds `onnx_path`."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'manifest not found: {path}')
-    try: m = json.loads(path.read_text())
-    except json.JSONDecodeError as e: raise _bad(path, f'not valid JSON ({e})') from e
-    _check_manifest(m, path)
-    model_file = (path.parent / m['onnx']).resolve()
-    if verify:
-        if not model_file.is_file(): raise _bad(path, f'the model file it names, {model_file}, is missing')
-        h = sha256(model_file)
-        if h != m['sha256']:
-            raise _bad(path, f"sha256 of {model_file} is {h} but the manifest says {m['sha256']}: the file was changed "
-                             f"or replaced after export; re-export it, do not edit the hash")
-    return {**m, 'onnx_path': str(model_file)}
-
-# %% ../nbs/13_onnx.ipynb #ed6da07e
-def open_model(manifest_path, threads:int|None=None) -> tuple[dict, ort.InferenceSession]:
-    "The verified manifest and an ONNX Runtime session for the model file it names."
-    m = read_manifest(manifest_path)
-    s = ort_session(m['onnx_path'], threads)
-    i, o = s.get_inputs()[0], s.get_outputs()[0]
-    if (i.name, o.name) != (m['input']['name'], m['output']['name']) or list(i.shape[1:]) != m['input']['shape'][1:]:
-        raise ValueError(f"{manifest_path}: {m['onnx_path']} has input {i.name} {i.shape} and output {o.name}, "
-                         f"the manifest says {m['input']} and {m['output']}")
-    return m, s
-
-def preprocess(images, manifest:dict) -> np.ndarray:
-    "RGB uint8 tiles (H, W, 3) or (N, H, W, 3) to the normalised float32 (N, 3, H, W) input the manifest describes."
-    x = np.asarray(images)
-    if x.ndim == 3: x = x[None]
-    size = manifest['input']['shape'][2:]
-    if x.ndim != 4 or x.shape[-1] != 3 or list(x.shape[1:3]) != size:
-        raise ValueError(f'expected RGB tiles of shape (N, {size[0]}, {size[1]}, 3), got {x.shape}')
-    mean, std = (np.asarray(manifest[k], np.float32).reshape(1, 3, 1, 1) for k in ('mean', 'std'))
-    return np.ascontiguousarray(((x.transpose(0, 3, 1, 2).astype(np.float32) / 255) - mean) / std)
-
-def classify(manifest:dict, session:ort.InferenceSession, images) -> dict:
-    "Logits, probabilities and calls (class names) for RGB uint8 tiles, at the manifest's threshold."
-    logit = onnx_logits(session, preprocess(images, manifest))
-    p = 1 / (1 + np.exp(-logit.astype(np.float64)))
-    names = manifest['class_names']
-    return dict(logit=logit, p=p, call=[names[1] if v >= manifest['threshold'] else names[0] for v in p])
 
 # %% ../nbs/13_onnx.ipynb #59595fe0
 def model_from_run(run:dict) -> nn.Module:
