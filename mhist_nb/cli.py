@@ -9,7 +9,8 @@ from pathlib import Path
 from .data import CLASSES, N_ANNOTATORS, MHISTError, read_mhist
 
 # %% auto #0
-__all__ = ['summarize', 'cmd_check', 'cmd_synth', 'cmd_explore', 'cmd_run', 'cmd_sweep', 'build_parser', 'main']
+__all__ = ['summarize', 'cmd_check', 'cmd_synth', 'cmd_explore', 'parse_parameters', 'cmd_run', 'cmd_sweep', 'build_parser',
+           'main']
 
 # %% ../nbs/39_cli.ipynb #54e8dfd0
 def summarize(df) -> str:
@@ -54,11 +55,23 @@ def cmd_explore(args) -> int:
     print(f'exploration report: {out_nb} and {out_nb.with_suffix(".html")} (figures in {out_dir})')
     return 0
 
+def parse_parameters(pairs) -> dict:
+    "`-p KEY VALUE` pairs as dotted overrides, each VALUE read as YAML (`3`, `true`, `[1, 2]`, `null`); typed by `load_params`."
+    import yaml
+    from mhist_nb.pipeline import ParamsError
+    out, problems = {}, []
+    for k, v in pairs or []:
+        try: out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e: problems.append(f'-p {k} {v!r}: not a YAML value ({str(e).splitlines()[0]})')
+    if problems: raise ParamsError('command line', problems)
+    return out
+
 def cmd_run(args) -> int:
     "Run the pipeline of a parameter file."
     from mhist_nb.pipeline import run_pipeline, ParamsError, NotebookError
     from mhist_nb.tracking import tracking_uri, tracking_enabled
-    try: out = run_pipeline(args.params, name=args.name, reports=args.reports, quiet=args.quiet)
+    try: out = run_pipeline(args.params, name=args.name, reports=args.reports, overrides=parse_parameters(args.parameter),
+                            quiet=args.quiet)
     except (ParamsError, NotebookError, FileNotFoundError, FileExistsError) as e:
         print(f'error: {e}', file=sys.stderr); return 1
     print(f'\nreports: {out} (executed notebooks and their HTML)')
@@ -70,10 +83,11 @@ def cmd_run(args) -> int:
 def cmd_sweep(args) -> int:
     "Run a sweep file."
     from mhist_nb.pipeline import run_sweep, ParamsError
-    try: table = run_sweep(args.sweep, name=args.name, reports=args.reports, quiet=args.quiet)
+    try: table = run_sweep(args.sweep, name=args.name, reports=args.reports, quiet=args.quiet,
+                           overrides=parse_parameters(args.parameter), top=args.top)
     except (ParamsError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr); return 1
-    print(table.head(args.top).to_string(index=False))
+    print(table.to_string(index=False))
     return 0 if (table.status == 'FINISHED').any() else 1
 
 # %% ../nbs/39_cli.ipynb #0d0dff31
@@ -103,21 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--timeout', type=int, default=600, help='per-cell timeout in seconds')
     e.add_argument('--quiet', action='store_true', help='no progress bar')
     e.set_defaults(func=cmd_explore)
-    r = sub.add_parser('run', help='run the notebook pipeline of a parameter file', description=
-                       'Execute the notebooks listed in PARAMS (YAML) with papermill into reports/NAME/, with HTML, '
-                       'one MLflow run per training notebook. Unknown keys are rejected before anything runs.')
+    raw = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+    p_help = ('override one key, dotted as in the file (11_train_vit.lr_full, common.seed, 11_train_vit.timeout); '
+              'VALUE is read as YAML, then checked and typed like a key of the file; repeatable')
+    r = sub.add_parser('run', help='run the notebook pipeline of a parameter file', **raw, description=
+                       'Execute the notebooks listed in PARAMS (YAML) with papermill into reports/NAME/, with HTML,\n'
+                       'one MLflow run per training notebook. Every key (and -p override) is checked against the\n'
+                       "notebooks' parameters cells, and typed by their annotations, before anything runs.",
+                       epilog='examples:\n  mhist run params/demo.yaml -p 11_train_vit.lr_full 2e-5 -p common.seed 3\n'
+                              '  mhist run params/mhist_cpu.yaml -p 11_train_vit.timeout 43200 --name long')
     r.add_argument('params', help='parameter file, e.g. params/demo.yaml')
+    r.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'), help=p_help)
     r.add_argument('--name', help='report folder and run-name prefix (default: the file\'s name key)')
     r.add_argument('--reports', default='reports', help='reports root (default reports)')
     r.add_argument('--quiet', action='store_true', help='no progress bars')
     r.set_defaults(func=cmd_run)
-    w = sub.add_parser('sweep', help='run a hyper-parameter sweep', description=
-                       'Run every configuration of a sweep file as a child MLflow run under one parent run, then print '
-                       'the configurations ranked by the sweep\'s rule.')
+    w = sub.add_parser('sweep', help='run a hyper-parameter sweep', **raw, description=
+                       'Run every configuration of a sweep file as a child MLflow run under one parent run (without\n'
+                       'MLflow when MHIST_TRACKING=off), then print the best configurations ranked by the sweep\'s rule;\n'
+                       'reports/NAME/sweep.csv keeps every trial.',
+                       epilog='example:\n  mhist sweep params/sweep_vit.yaml -p 11_train_vit.full_epochs 5 --top 3')
     w.add_argument('sweep', help='sweep file, e.g. params/sweep_vit.yaml')
+    w.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),
+                   help=p_help.replace('one key', 'one key of the base parameter file'))
     w.add_argument('--name', help='report folder (default: the file\'s name key)')
     w.add_argument('--reports', default='reports', help='reports root (default reports)')
-    w.add_argument('--top', type=int, default=10, help='rows of the ranking to print')
+    w.add_argument('--top', type=int, help="rows of the ranking to print (default: the file's top, else all)")
     w.add_argument('--quiet', action='store_true', help='no progress output')
     w.set_defaults(func=cmd_sweep)
     return p

@@ -4,15 +4,17 @@
 
 # %% ../nbs/30_pipeline.ipynb #f81b8b24
 from __future__ import annotations
-import itertools, json, os, shutil, sys, tempfile, time
+import ast, copy, dataclasses, functools, inspect, itertools, json, os, shutil, sys, tempfile, time
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, yaml
 
 # %% auto #0
-__all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'PATH_KEYS', 'SWEEP_KEYS', 'ParamsError', 'project_notebook', 'notebook_key',
-           'notebook_parameters', 'load_params', 'notebook_params', 'NotebookError', 'to_html', 'run_notebook',
-           'start_run', 'finish_run', 'ensure_data', 'run_pipeline', 'load_sweep', 'sweep_configs', 'run_sweep',
+__all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'PATH_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'WEIGHT_SUFFIXES', 'SWEEP_KEYS', 'ParamsError',
+           'project_notebook', 'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members', 'coerce',
+           'dict_fields', 'check_param', 'load_params', 'is_weights_path', 'notebook_params', 'notebook_timeout',
+           'NotebookError', 'to_html', 'run_notebook', 'start_run', 'finish_run', 'path_problems', 'check_paths',
+           'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric', 'load_sweep', 'sweep_configs', 'run_sweep',
            'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #e71753cb
@@ -52,13 +54,132 @@ def notebook_key(name) -> str:
     "The key under which a notebook's parameters appear: `10_train_mlp` for nbs/10_train_mlp.ipynb."
     return Path(str(name)).stem
 
+# %% ../nbs/30_pipeline.ipynb #59dfa857
+def _parameters_source(path) -> str|None:
+    "Source of the first cell tagged `parameters` of the notebook at `path`."
+    import nbformat
+    return next((c.source for c in nbformat.read(path, as_version=4).cells if 'parameters' in c.metadata.get('tags', [])), None)
+
+@functools.lru_cache(maxsize=64)
+def _inspect(path:str, mtime_ns:int) -> dict:
+    "{name: dict(default, type)} of a notebook's `parameters` cell (cached per file version); type 'None' where unannotated."
+    src = _parameters_source(path)
+    if src is None: return {}
+    try: tree = ast.parse(src)
+    except SyntaxError:                                          # e.g. a magic in the cell: papermill's reading instead
+        import papermill as pm
+        return {k: dict(default=v['default'], type=v['inferred_type_name']) for k, v in pm.inspect_notebook(path).items()}
+    out = {}
+    for n in tree.body:
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None:
+            a = n.annotation
+            out[n.target.id] = dict(default=ast.get_source_segment(src, n.value),
+                                    type=a.value if isinstance(a, ast.Constant) and isinstance(a.value, str) else ast.unparse(a))
+        elif isinstance(n, ast.Assign):
+            out.update({t.id: dict(default=ast.get_source_segment(src, n.value), type='None')
+                        for t in n.targets if isinstance(t, ast.Name)})
+    return out
+
+def _declared_params(nb) -> dict:
+    p = project_notebook(nb)
+    return _inspect(str(p), p.stat().st_mtime_ns)
+
 def notebook_parameters(nb) -> dict:
-    "Parameter names and defaults declared in the `parameters` cell of notebook `nb`."
-    import papermill as pm
-    return {k: v['default'] for k, v in pm.inspect_notebook(str(project_notebook(nb))).items()}
+    "Parameter names and defaults (as source text) declared in the `parameters` cell of notebook `nb`."
+    return {k: v['default'] for k, v in _declared_params(nb).items()}
+
+def notebook_types(nb) -> dict:
+    "Parameter names and annotations (`'float'`, `'str | None'`; `'None'` where there is none) of notebook `nb`."
+    return {k: v['type'] for k, v in _declared_params(nb).items()}
+
+# %% ../nbs/30_pipeline.ipynb #d5fd3854
+_KINDS = dict(int=int, float=float, bool=bool, str=str, dict=dict, list=list)
+
+def type_members(annotation:str) -> list[str]|None:
+    "The types an annotation allows (`'Optional[float]'` → `['float', 'None']`); None when it is absent or not understood."
+    def name(n): return n.attr if isinstance(n, ast.Attribute) else getattr(n, 'id', None)
+    def walk(n) -> list:
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr): return walk(n.left) + walk(n.right)
+        if isinstance(n, ast.Constant): return ['None'] if n.value is None else walk(ast.parse(n.value, mode='eval').body)
+        if isinstance(n, ast.Subscript):
+            args = n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice]
+            if name(n.value) == 'Optional': return walk(args[0]) + ['None']
+            if name(n.value) == 'Union': return [t for a in args for t in walk(a)]
+            n = n.value                                           # list[int], Dict[str, float]: the container
+        t = {'NoneType': 'None', 'List': 'list', 'Dict': 'dict'}.get(name(n), name(n))
+        if t != 'None' and t not in _KINDS: raise ValueError(t)
+        return [t]
+    if annotation.strip() in ('', 'None'): return None            # papermill's name for "no annotation"
+    try: return walk(ast.parse(annotation, mode='eval').body)
+    except (SyntaxError, ValueError, TypeError): return None
+
+def _convert(v, kind:str):
+    "`v` as `kind` where nothing is lost, else ValueError."
+    if isinstance(v, bool) and kind != 'bool': raise ValueError(kind)
+    if kind == 'int':
+        if isinstance(v, str): v = v.strip(); v = int(v) if v.lstrip('+-').isdigit() else float(v)
+        if isinstance(v, float) and v.is_integer(): v = int(v)
+        if isinstance(v, int): return v
+    elif kind == 'float' and isinstance(v, (int, float, str)): return float(v)
+    elif kind == 'bool' and isinstance(v, str) and v.strip().lower() in ('true', 'false'): return v.strip().lower() == 'true'
+    elif kind == 'list' and isinstance(v, tuple): return list(v)
+    elif isinstance(v, _KINDS[kind]): return v
+    raise ValueError(kind)
+
+def coerce(v, annotation:str, none_ok:bool=False):
+    "`v` checked against a parameter's annotation and converted where nothing is lost (`'2e-5'` → 2e-05 for `float`)."
+    kinds = type_members(annotation)
+    if kinds is None: return v                                     # no annotation, or one not understood: as it is
+    if v is None:
+        if 'None' in kinds or none_ok: return None
+        raise ValueError(f'expected {annotation}, got None')
+    kinds = [k for k in kinds if k != 'None']
+    for k in kinds:                                                # an exact match first: 'true' stays a str for `bool | str`
+        if type(v) is _KINDS[k]: return v
+    for k in kinds:
+        try: return _convert(v, k)
+        except (ValueError, TypeError): pass
+    raise ValueError(f'expected {annotation}, got {v!r}')
+
+# %% ../nbs/30_pipeline.ipynb #39727758
+def _ann(a) -> str:
+    "An annotation as text (`from __future__ import annotations` keeps it so; a class gives its name)."
+    return a if isinstance(a, str) else getattr(a, '__name__', 'None')
+
+def dict_fields(param:str) -> dict|None:
+    "Keys (with annotations) that dict parameter `param` accepts, read from the code receiving it; None: any."
+    if param == 'augment':
+        from mhist_nb.data import TileTransform
+        ps = inspect.signature(TileTransform).parameters.values()
+        return {p.name: _ann(p.annotation) if p.annotation is not p.empty else 'None' for p in ps
+                if p.name not in ('mean', 'std', 'train', 'size') and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if param == 'selector':
+        from mhist_nb.trainer import Selector
+        return {f.name: _ann(f.type) for f in dataclasses.fields(Selector)}
+    return None
+
+def check_param(v, name:str, annotation:str, default:str, where:str, problems:list):
+    "`v` typed for parameter `name` (None allowed when the default is None) with its dict keys checked; problems named by `where`."
+    try: v = coerce(v, annotation, none_ok=default == 'None')
+    except ValueError as e: problems.append(f'{where}: {e}'); return v
+    fields = dict_fields(name) if isinstance(v, dict) and v else None
+    if fields is None: return v
+    v, n = dict(v), len(problems)
+    for k in v:
+        if k not in fields: problems.append(f'{where}: unknown key {k!r} (known: {", ".join(fields)})'); continue
+        try: v[k] = coerce(v[k], fields[k])
+        except ValueError as e: problems.append(f'{where}.{k}: {e}')
+    if name == 'selector' and len(problems) == n:
+        from mhist_nb.trainer import Selector
+        try: Selector(**v)
+        except (TypeError, ValueError) as e: problems.append(f'{where}: {e}')
+    return v
 
 # %% ../nbs/30_pipeline.ipynb #2d8cbd58
 PATH_KEYS = ('data_dir', 'out_dir', 'pretrained')
+NB_RESERVED = ('timeout',)              # keys of a notebook block that are for the driver, not parameters of the notebook
+SYNTH_KEYS = dict(scale='float', seed='int', jobs='int')
+WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.ckpt', '.npz')
 
 def _expand(v, where:str, problems:list):
     "Expand `${VAR}` in every string of `v`; an unset variable is a problem naming the key."
@@ -70,23 +191,37 @@ def _expand(v, where:str, problems:list):
         return out
     return v
 
+def _set_dotted(cfg:dict, key:str, v) -> bool:
+    "Set `a.b.c` in nested dicts, creating missing (or empty) levels; False where a level is not a mapping."
+    *path, last = key.split('.')
+    for part in path:
+        if cfg.get(part) is None: cfg[part] = {}
+        cfg = cfg[part]
+        if not isinstance(cfg, dict): return False
+    cfg[last] = v
+    return True
+
+def _timeout(v, where:str, problems:list):
+    "Seconds per cell: a positive integer, or None for no limit."
+    try: v = coerce(v, 'int | None')
+    except ValueError as e: problems.append(f'{where}: {e} (seconds per cell)'); return None
+    if v is not None and v <= 0: problems.append(f'{where}: must be a positive number of seconds, got {v}')
+    return v
+
 def load_params(source, overrides:dict|None=None) -> dict:
-    "Read a pipeline parameter file (path or dict), apply dotted `overrides`, check every key; return the config."
-    cfg = yaml.safe_load(Path(source).read_text()) if not isinstance(source, dict) else dict(source)
+    "Read a pipeline parameter file (path or dict), apply dotted `overrides`, check and type every key; return the config."
+    cfg = yaml.safe_load(Path(source).read_text()) if not isinstance(source, dict) else copy.deepcopy(source)
     src = str(source) if not isinstance(source, dict) else '<params>'
     if not isinstance(cfg, dict): raise ParamsError(src, ['the file must hold a mapping of keys to values'])
-    for k, v in (overrides or {}).items():                     # e.g. {'11_train_vit.lr_full': 1e-4}
-        *path, last = k.split('.')
-        d = cfg
-        for part in path: d = d.setdefault(part, {})
-        d[last] = v
     problems = []
+    for k, v in (overrides or {}).items():                     # e.g. {'11_train_vit.lr_full': 1e-4}
+        if not _set_dotted(cfg, k, v): problems.append(f'override {k!r}: {k.rsplit(".", 1)[0]!r} is not a mapping')
     cfg = _expand(cfg, '', problems)
     run = cfg.get('run', list(DEFAULT_RUN))
     if not isinstance(run, list) or not run: problems.append("'run' must be a non-empty list of notebooks"); run = []
-    declared = {}
+    declared, types = {}, {}
     for nb in run:
-        try: declared[notebook_key(nb)] = notebook_parameters(nb)
+        try: declared[notebook_key(nb)], types[notebook_key(nb)] = notebook_parameters(nb), notebook_types(nb)
         except FileNotFoundError as e: problems.append(str(e))
     for k in cfg:
         if k not in TOP_KEYS and k not in declared:
@@ -94,31 +229,54 @@ def load_params(source, overrides:dict|None=None) -> dict:
     for nb, known in declared.items():
         block = cfg.get(nb) or {}
         if not isinstance(block, dict): problems.append(f'{nb}: must be a mapping of parameters'); continue
-        for k in block:
-            if k not in known: problems.append(f'{nb}: unknown parameter {k!r} (known: {", ".join(known)})')
+        for k, v in block.items():
+            if k in NB_RESERVED: block[k] = _timeout(v, f'{nb}.{k}', problems)
+            elif k not in known: problems.append(f'{nb}: unknown parameter {k!r} (known: {", ".join(known)})')
+            else: block[k] = check_param(v, k, types[nb][k], known[k], f'{nb}.{k}', problems)
+        if nb in cfg: cfg[nb] = block
     common = cfg.get('common') or {}
-    for k in common:
-        if not any(k in known for known in declared.values()):
-            problems.append(f'common: parameter {k!r} is declared by none of {list(declared)}')
+    if not isinstance(common, dict): problems.append('common: must be a mapping of parameters'); common = {}
+    for k, v in common.items():
+        users = [nb for nb, known in declared.items() if k in known]
+        if not users: problems.append(f'common: parameter {k!r} is declared by none of {list(declared)}')
+        for nb in reversed(users): common[k] = check_param(v, k, types[nb][k], declared[nb][k], f'common.{k}', problems)
+    if 'timeout' in cfg: cfg['timeout'] = _timeout(cfg['timeout'], 'timeout', problems)
     synth = cfg.get('synth')
     if synth is not None:
-        if not isinstance(synth, dict) or set(synth) - {'scale', 'seed', 'jobs'}:
+        if not isinstance(synth, dict) or set(synth) - set(SYNTH_KEYS):
             problems.append("synth: expected a mapping with keys among 'scale', 'seed', 'jobs'")
+        else:
+            for k, v in synth.items():
+                try: synth[k] = coerce(v, SYNTH_KEYS[k])
+                except ValueError as e: problems.append(f'synth.{k}: {e}')
         if 'data_dir' not in common: problems.append('synth: needs common.data_dir (where to write the tiles)')
-    if problems: raise ParamsError(src, problems)
-    cfg = dict(cfg, run=run, common=common, name=cfg.get('name') or (Path(src).stem if src != '<params>' else 'run'))
-    cfg['_declared'] = declared
-    return cfg
+    if problems: raise ParamsError(src, list(dict.fromkeys(problems)))
+    return dict(cfg, run=run, common=common, name=str(cfg.get('name') or (Path(src).stem if src != '<params>' else 'run')),
+                _declared=declared, _types=types, _source=src)
+
+def is_weights_path(v) -> bool:
+    "Does a `pretrained` value name a local file (a weights suffix or a folder in it), rather than False/True or a hub name?"
+    return (isinstance(v, str) and not v.startswith(('hf-hub:', 'hf_hub:', 'timm/'))
+            and (Path(v).suffix.lower() in WEIGHT_SUFFIXES or '/' in v or os.sep in v or v.startswith('~')))
+
+def _resolve_paths(p:dict) -> dict:
+    "Path parameters of `p` made absolute against the working directory (`pretrained` only when it names a file)."
+    for k in PATH_KEYS:
+        v = p.get(k)
+        if isinstance(v, str) and (k != 'pretrained' or is_weights_path(v)): p[k] = str(Path(v).expanduser().resolve())
+    return p
 
 def notebook_params(cfg:dict, nb:str) -> dict:
     "Parameters for notebook `nb`: the `common` keys it declares, then its own block; paths made absolute."
     key, known = notebook_key(nb), cfg['_declared'][notebook_key(nb)]
     p = {k: v for k, v in cfg['common'].items() if k in known}
-    p.update(cfg.get(key) or {})
-    for k in PATH_KEYS:
-        v = p.get(k)
-        if isinstance(v, str) and (k != 'pretrained' or Path(v).suffix): p[k] = str(Path(v).expanduser().resolve())
-    return p
+    p.update({k: v for k, v in (cfg.get(key) or {}).items() if k not in NB_RESERVED})
+    return _resolve_paths(p)
+
+def notebook_timeout(cfg:dict, nb:str) -> int|None:
+    "Seconds each cell of notebook `nb` may run: its block's `timeout`, else the file's, else 3600 (None: no limit)."
+    block = cfg.get(notebook_key(nb)) or {}
+    return block['timeout'] if 'timeout' in block else cfg.get('timeout', 3600)
 
 # %% ../nbs/30_pipeline.ipynb #33a8479c
 class NotebookError(RuntimeError):
@@ -133,18 +291,38 @@ def to_html(nb_path) -> Path:
     out = nb_path.with_suffix('.html'); out.write_text(body, encoding='utf-8')
     return out
 
-def run_notebook(nb, out_nb, params:dict, timeout:int=3600, quiet:bool=False, env:dict|None=None) -> Path:
-    "Execute notebook `nb` into `out_nb` with `params` (papermill, kernel python3) and render HTML beside it."
+def _mark_failed(out_nb:Path, ename:str, evalue:str) -> tuple:
+    "Mark the cell that was running in a partial notebook (the last one papermill started) failed; return its index and source."
+    import nbformat
+    nb = nbformat.read(out_nb, as_version=4)
+    started = [i for i, c in enumerate(nb.cells) if c.metadata.get('papermill', {}).get('start_time')]
+    if not started: return None, ''
+    c = nb.cells[started[-1]]
+    c.metadata.papermill.update(status='failed', exception=True)
+    if c.cell_type == 'code': c.outputs.append(nbformat.v4.new_output('error', ename=ename, evalue=evalue, traceback=[f'{ename}: {evalue}']))
+    nb.metadata.setdefault('papermill', {})['exception'] = True
+    nbformat.write(nb, out_nb)
+    return started[-1], c.source
+
+def run_notebook(nb, out_nb, params:dict, timeout:int|None=3600, quiet:bool=False, env:dict|None=None) -> Path:
+    "Execute notebook `nb` into `out_nb` with `params` (papermill, kernel python3, `timeout` s per cell); render HTML beside it."
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     out_nb = Path(out_nb); out_nb.parent.mkdir(parents=True, exist_ok=True)
+    key, partial = notebook_key(nb), f'\n  partial notebook: {out_nb}'
+    first = lambda src: next((l for l in src.splitlines() if l.strip()), '')[:80]
     try:
         with _env(**(env or {})):
             pm.execute_notebook(str(project_notebook(nb)), str(out_nb), parameters=params, kernel_name='python3',
                                 progress_bar=not quiet, cwd=str(out_nb.parent), execution_timeout=timeout)
     except pm.PapermillExecutionError as e:
-        first = next((l for l in e.source.splitlines() if l.strip()), '')
-        raise NotebookError(f'{notebook_key(nb)} failed at cell {e.cell_index} of {out_nb.name} (execution count '
-                            f'{e.exec_count}: {first[:80]!r}): {e.ename}: {e.evalue}\n  partial notebook: {out_nb}') from None
+        raise NotebookError(f'{key} failed at cell {e.cell_index} of {out_nb.name} (execution count '
+                            f'{e.exec_count}: {first(e.source)!r}): {e.ename}: {e.evalue}' + partial) from None
+    except (CellTimeoutError, DeadKernelError) as e:
+        what = (f"no result within {timeout} s (the timeout is per cell: raise the notebook block's `timeout`)"
+                if isinstance(e, CellTimeoutError) else 'the kernel died (out of memory, a crash in native code, or an exit)')
+        i, src = _mark_failed(out_nb, type(e).__name__, what) if out_nb.is_file() else (None, '')
+        raise NotebookError(f'{key} failed at cell {i} of {out_nb.name} ({first(src)!r}): {type(e).__name__}: {what}' + partial) from None
     finally:
         if out_nb.is_file(): to_html(out_nb)
     return out_nb
@@ -173,6 +351,26 @@ def finish_run(client, run_id:str, out_nb:Path, ok:bool):
         if f.is_file(): client.log_artifact(run_id, str(f), 'notebook')
     client.set_terminated(run_id, 'FINISHED' if ok else 'FAILED')
 
+# %% ../nbs/30_pipeline.ipynb #cc767b7f
+def path_problems(params:dict, where) -> list[str]:
+    "Problems with the `data_dir` folder and the `pretrained` file of one notebook's `params`; `where(key)` names a key."
+    out, d, w = [], params.get('data_dir'), params.get('pretrained')
+    if isinstance(d, str):
+        d = Path(d)
+        missing = [n for n, ok in (('annotations.csv', (d/'annotations.csv').is_file()), ('images/', (d/'images').is_dir())) if not ok]
+        if not d.is_dir(): out.append(f'{where("data_dir")}: {d} is not a directory (expected an MHIST folder: annotations.csv and images/)')
+        elif missing: out.append(f'{where("data_dir")}: {d} is not an MHIST folder: no {" and no ".join(missing)}')
+    if is_weights_path(w) and not Path(w).expanduser().is_file(): out.append(f'{where("pretrained")}: weights file {w} not found')
+    return out
+
+def check_paths(cfg:dict):
+    "Raise a ParamsError if a notebook of `cfg` would read a missing MHIST folder or weights file."
+    problems = []
+    for nb in cfg['run']:
+        key = notebook_key(nb)
+        problems += path_problems(notebook_params(cfg, nb), lambda k: f'{key}.{k}' if k in (cfg.get(key) or {}) else f'common.{k}')
+    if problems: raise ParamsError(cfg.get('_source', '<params>'), list(dict.fromkeys(problems)))
+
 # %% ../nbs/30_pipeline.ipynb #d2dfdd14
 def ensure_data(cfg:dict, quiet:bool=False):
     "Write synthetic tiles into `common.data_dir` when the file asks for them and they are absent."
@@ -188,8 +386,9 @@ def run_pipeline(params_file, name:str|None=None, reports:str|Path='reports', ov
     from mhist_nb.tracking import tracking_enabled
     cfg = load_params(params_file, overrides)
     name = name or cfg['name']
-    out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
     ensure_data(cfg, quiet)
+    check_paths(cfg)
+    out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
     client, uri = _client() if tracking_enabled() else (None, None)
     for nb in cfg['run']:
         key, params = notebook_key(nb), notebook_params(cfg, nb)
@@ -201,7 +400,7 @@ def run_pipeline(params_file, name:str|None=None, reports:str|Path='reports', ov
         if not quiet: print(f'[{name}] {key}' + (f' (MLflow run {run_id})' if run_id else ''), flush=True)
         t0, ok = time.perf_counter(), False
         try:
-            run_notebook(nb, out_nb, params, timeout=cfg.get('timeout', 3600), quiet=quiet,
+            run_notebook(nb, out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=quiet,
                          env=dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=run_id) if run_id else None)
             ok = True
         finally:
@@ -209,33 +408,69 @@ def run_pipeline(params_file, name:str|None=None, reports:str|Path='reports', ov
             if not quiet: print(f'[{name}] {key} {"done" if ok else "FAILED"} in {time.perf_counter() - t0:.0f} s', flush=True)
     return out
 
+# %% ../nbs/30_pipeline.ipynb #6089e7c6
+def logged_metrics() -> list[str]:
+    "Metrics a training notebook logs (`MLflowCallback`): each epoch's `lr`, `seconds`, `train_*`, `val_*`; `best_*`; `train_seconds`."
+    from mhist_nb.metrics import METRICS
+    epoch = ['lr', 'seconds'] + [f'{s}_{m}' for s in ('train', 'val') for m in ('loss', *METRICS) if m != 'threshold']
+    return epoch + [f'best_{k}' for k in ('epoch', *epoch)] + ['train_seconds']
+
+def trial_metric(out_dir, monitor:str) -> float:
+    "`monitor` of a finished trial from the files `save_experiment` wrote into `out_dir` (`best_*`: the selected epoch's; NaN if absent)."
+    runs = sorted(Path(out_dir).glob('run_*.json')) if out_dir and Path(out_dir).is_dir() else []
+    if not runs: return float('nan')
+    info = json.loads(runs[0].read_text())
+    if isinstance(info.get(monitor), (int, float)) and not isinstance(info.get(monitor), bool): return float(info[monitor])
+    f = runs[0].with_name(f"history_{info.get('family')}.csv")
+    if not f.is_file(): return float('nan')
+    h = pd.read_csv(f)
+    key = monitor[5:] if monitor.startswith('best_') else monitor
+    if monitor.startswith('best_'): h = h[h.epoch == info.get('best_epoch')]
+    return float(h[key].iloc[-1]) if key in h and len(h) else float('nan')
+
 # %% ../nbs/30_pipeline.ipynb #1921218b
 SWEEP_KEYS = ('name', 'base', 'notebook', 'method', 'grid', 'n_trials', 'seed', 'rule', 'top')
 
-def load_sweep(path) -> dict:
-    "Read and check a sweep file (the base parameter file and the grid's keys included)."
+def load_sweep(path, overrides:dict|None=None) -> dict:
+    "Read and check a sweep file (the base parameter file, with dotted `overrides`, the grid's keys and values, the rule)."
     spec = yaml.safe_load(Path(path).read_text())
+    if not isinstance(spec, dict): raise ParamsError(path, ['the file must hold a mapping of keys to values'])
     problems = [f'unknown key {k!r} (known: {list(SWEEP_KEYS)})' for k in spec if k not in SWEEP_KEYS]
     for k in ('base', 'notebook', 'grid'):
         if k not in spec: problems.append(f'missing key {k!r}')
     if problems: raise ParamsError(path, problems)
     base = Path(spec['base'])
     if not base.is_absolute() and not base.exists(): base = Path(path).parent.parent/spec['base']
-    cfg = load_params(base)
-    nb = notebook_key(spec['notebook'])
+    cfg = load_params(base, overrides)
+    nb, grid = notebook_key(spec['notebook']), spec['grid']
+    if not isinstance(grid, dict) or not grid: problems.append('grid: must be a mapping of parameters to lists of values'); grid = {}
     if nb not in cfg['_declared']: problems.append(f"notebook {nb!r} is not in the base file's run list {cfg['run']}")
     else:
-        known = cfg['_declared'][nb]
-        for k, v in spec['grid'].items():
+        known, types = cfg['_declared'][nb], cfg['_types'][nb]
+        for k, v in grid.items():
             if k not in known: problems.append(f'grid: unknown parameter {k!r} of {nb}')
-            if not isinstance(v, list) or not v: problems.append(f'grid: {k!r} must be a non-empty list of values')
+            elif not isinstance(v, list) or not v: problems.append(f'grid: {k!r} must be a non-empty list of values')
+            else: grid[k] = [check_param(x, k, types[k], known[k], f'grid.{k}[{i}]', problems) for i, x in enumerate(v)]
     method = spec.get('method', 'grid')
     if method not in ('grid', 'random'): problems.append(f"method must be 'grid' or 'random', got {method!r}")
+    for k, t in (('n_trials', 'int | None'), ('top', 'int | None'), ('seed', 'int')):
+        try: spec[k] = coerce(spec.get(k), t) if k in spec else None
+        except ValueError as e: problems.append(f'{k}: {e}')
+        else:
+            if k != 'seed' and spec[k] is not None and spec[k] < 1: problems.append(f'{k}: must be at least 1, got {spec[k]}')
     rule = spec.get('rule') or {}
+    if not isinstance(rule, dict): problems.append(f"rule: expected a mapping with keys 'monitor' and 'mode', got {rule!r}"); rule = {}
+    if set(rule) - {'monitor', 'mode'}: problems.append(f"rule: unknown key(s) {sorted(set(rule) - {'monitor', 'mode'})} (known: monitor, mode)")
     if rule.get('mode', 'max') not in ('max', 'min'): problems.append("rule.mode must be 'max' or 'min'")
+    monitor, names = rule.get('monitor', 'best_val_auc'), logged_metrics()
+    if monitor not in names:
+        xs = ', '.join(n[4:] for n in names if n.startswith('val_'))
+        problems.append(f'rule.monitor: {monitor!r} is not a metric the training notebooks log (per epoch: lr, seconds, train_X, '
+                        f'val_X; best_ with any of those or epoch; train_seconds; X: {xs})')
     if problems: raise ParamsError(path, problems)
-    return dict(spec, name=spec.get('name') or Path(path).stem, cfg=cfg, notebook=nb, method=method,
-                rule=dict(monitor=rule.get('monitor', 'best_val_auc'), mode=rule.get('mode', 'max')))
+    return dict(spec, name=str(spec.get('name') or Path(path).stem), cfg=cfg, notebook=nb, grid=grid, method=method,
+                nb_path=next(n for n in cfg['run'] if notebook_key(n) == nb),     # as the run list names it: a key or a path
+                seed=spec['seed'] or 0, rule=dict(monitor=monitor, mode=rule.get('mode', 'max')))
 
 def sweep_configs(grid:dict, method:str='grid', n_trials:int|None=None, seed:int=0) -> list[dict]:
     "All combinations of `grid`, or `n_trials` of them drawn without replacement (seeded)."
@@ -247,49 +482,56 @@ def sweep_configs(grid:dict, method:str='grid', n_trials:int|None=None, seed:int
     return combos
 
 # %% ../nbs/30_pipeline.ipynb #9105f3ac
-def run_sweep(sweep_file, name:str|None=None, reports:str|Path='reports', quiet:bool=False) -> pd.DataFrame:
-    "Run every configuration of a sweep as a child MLflow run; return the trials ranked by the sweep's rule."
-    from mlflow.entities import Metric
-    from mhist_nb.tracking import flatten
-    spec = load_sweep(sweep_file)
+def run_sweep(sweep_file, name:str|None=None, reports:str|Path='reports', quiet:bool=False, overrides:dict|None=None,
+              top:int|None=None) -> pd.DataFrame:
+    "Run every configuration of a sweep (child MLflow runs of one parent, unless tracking is off); return the best `top`, ranked."
+    from mhist_nb.tracking import flatten, tracking_enabled
+    spec = load_sweep(sweep_file, overrides)
     cfg, nb, rule = spec['cfg'], spec['notebook'], spec['rule']
-    name = name or spec['name']
-    out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
+    mon, name = rule['monitor'], name or spec['name']
     ensure_data(cfg, quiet)
-    client, uri = _client()
     base = notebook_params(cfg, nb)
-    exp = base.get('experiment') or cfg['_declared'][nb]['experiment'].strip('\'"')
-    configs = sweep_configs(spec['grid'], spec['method'], spec.get('n_trials'), spec.get('seed', 0))
+    configs = sweep_configs(spec['grid'], spec['method'], spec.get('n_trials'), spec['seed'])
+    trials = [_resolve_paths({**base, **c}) for c in configs]
+    origin = lambda k: f'{nb}.{k}' if k in (cfg.get(nb) or {}) else f'common.{k}'
+    problems = [p for c, t in zip(configs, trials) for p in path_problems(t, lambda k: f'grid.{k}' if k in c else origin(k))]
+    if problems: raise ParamsError(sweep_file, list(dict.fromkeys(problems)))
+    out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
+    client, uri = _client() if tracking_enabled() else (None, None)       # MHIST_TRACKING=off: no MLflow at all
+    exp = base.get('experiment') or cfg['_declared'][nb].get('experiment', "'mhist-sweep'").strip('\'"')
     parent = start_run(client, uri, exp, f'{name} (sweep)', dict(grid=spec['grid'], method=spec['method'], rule=rule,
-                       n_trials=len(configs)), tags={'mhist.pipeline': name, 'mhist.sweep': 'parent'})
+                       n_trials=len(configs)), tags={'mhist.pipeline': name, 'mhist.sweep': 'parent'}) if client else None
     rows, ok = [], False
     try:
-        for i, c in enumerate(configs):
-            params = {**base, **c}
+        for i, (c, params) in enumerate(zip(configs, trials)):
             if 'out_dir' in cfg['_declared'][nb]: params['out_dir'] = str(out/f'trial_{i:02d}')
             rid = start_run(client, uri, exp, f'{name}/trial_{i:02d}', params, parent=parent,
-                            tags={'mhist.pipeline': name, 'mhist.notebook': nb})
+                            tags={'mhist.pipeline': name, 'mhist.notebook': nb}) if client else None
             if not quiet: print(f'[{name}] trial {i + 1}/{len(configs)}: {c}', flush=True)
             t_ok, out_nb = False, out/f'trial_{i:02d}.ipynb'
             try:
-                run_notebook(nb, out_nb, params, timeout=cfg.get('timeout', 3600), quiet=True,
-                             env=dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=rid))
+                run_notebook(spec['nb_path'], out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=True,
+                             env=dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=rid) if rid else None)
                 t_ok = True
             except NotebookError as e:
                 print(f'[{name}] trial {i} failed: {e}', file=sys.stderr)
-            finally: finish_run(client, rid, out_nb, t_ok)
-            m = client.get_run(rid).data.metrics
-            rows.append(dict(trial=i, run_id=rid, status='FINISHED' if t_ok else 'FAILED', **flatten(c),
-                             **{rule['monitor']: m.get(rule['monitor'], float('nan'))}))
-        table = pd.DataFrame(rows).sort_values(rule['monitor'], ascending=rule['mode'] == 'min', na_position='last')
+            finally:
+                if rid: finish_run(client, rid, out_nb, t_ok)
+            v = (float('nan') if not t_ok else client.get_run(rid).data.metrics.get(mon, float('nan')) if rid
+                 else trial_metric(params.get('out_dir'), mon))
+            rows.append(dict(trial=i, run_id=rid, status='FINISHED' if t_ok else 'FAILED', **flatten(c), **{mon: v}))
+        table = pd.DataFrame(rows).sort_values(mon, ascending=rule['mode'] == 'min', na_position='last', kind='stable')
         table.to_csv(out/'sweep.csv', index=False)
-        client.log_artifact(parent, str(out/'sweep.csv'))
         best = table.iloc[0]
-        client.log_batch(parent, metrics=[Metric(rule['monitor'], float(best[rule['monitor']]), int(time.time() * 1000), 0)])
-        client.set_tag(parent, 'mhist.best_trial', str(best['trial']))
+        if parent:
+            from mlflow.entities import Metric
+            client.log_artifact(parent, str(out/'sweep.csv'))
+            if np.isfinite(best[mon]): client.log_batch(parent, metrics=[Metric(mon, float(best[mon]), int(time.time() * 1000), 0)])
+            client.set_tag(parent, 'mhist.best_trial', str(best['trial']))
         ok = True
-        return table.reset_index(drop=True)
-    finally: client.set_terminated(parent, 'FINISHED' if ok else 'FAILED')
+        return table.head(top or spec['top'] or len(table)).reset_index(drop=True)
+    finally:
+        if parent: client.set_terminated(parent, 'FINISHED' if ok else 'FAILED')
 
 # %% ../nbs/30_pipeline.ipynb #80ac3313
 def sagemaker_main(argv=None) -> int:
@@ -305,7 +547,7 @@ def sagemaker_main(argv=None) -> int:
     try:
         cfg = load_params(params, overrides)
         cfg.pop('synth', None)                                  # real data comes from the channel
-        rep = run_pipeline({k: v for k, v in cfg.items() if k != '_declared'}, name=name, reports=out_dir)
+        rep = run_pipeline({k: v for k, v in cfg.items() if not k.startswith('_')}, name=name, reports=out_dir)
     except (ParamsError, NotebookError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr); return 1
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """The papermill pipeline from the command line: parameter checking, a failing notebook, a sweep, the SageMaker entry.
 
 Each test uses its own throw-away MLflow store (MLFLOW_TRACKING_URI) and report folder."""
-import json, os, subprocess, sys
+import json, os, subprocess, sys, time
 from pathlib import Path
-import nbformat, pytest, yaml
+import nbformat, pandas as pd, pytest, yaml
 from conftest import ROOT, mhist
 
 
@@ -17,6 +17,20 @@ def env(tmp_path):
 
 def write_yaml(path, d):
     path.write_text(yaml.safe_dump(d, sort_keys=False)); return path
+
+
+def write_nb(path, params, *cells):
+    "A small notebook: a `parameters` cell, then one code cell per string."
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(params, metadata={'tags': ['parameters']}),
+                                         *map(nbformat.v4.new_code_cell, cells)])
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}
+    nbformat.write(nb, path); return path
+
+
+def injected(nb_path):
+    "Source of the cell papermill injected into an executed notebook."
+    nb = nbformat.read(nb_path, as_version=4)
+    return next(c.source for c in nb.cells if 'injected-parameters' in c.metadata.get('tags', []))
 
 
 def test_shipped_parameter_files_are_valid(monkeypatch, tmp_path):
@@ -107,3 +121,67 @@ def test_sagemaker_entry_contract(tmp_path, env, synth_dir):
     r = subprocess.run([sys.executable, str(ROOT/'sagemaker'/'train.py')], env={k: v for k, v in env.items() if not k.startswith('SM_')},
                        capture_output=True, text=True)
     assert r.returncode == 2 and 'SM_CHANNEL_TRAINING' in r.stderr
+
+
+def test_command_line_overrides_reach_the_notebook_typed(tmp_path, env):
+    write_nb(tmp_path/'echo.ipynb', 'lr: float = 0.1\nn: int = 1\nflag: bool = False', 'print(lr, n, flag)')
+    p = write_yaml(tmp_path/'e.yaml', {'name': 'e', 'run': [str(tmp_path/'echo.ipynb')], 'echo': {'n': 2}})
+    r = mhist('run', p, '--reports', tmp_path/'reports', '--quiet', '-p', 'echo.lr', '2e-5', '-p', 'echo.n', '3',
+              '-p', 'echo.flag', 'true', env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path/'reports'/'e'/'echo.ipynb'
+    assert all(s in injected(out) for s in ('lr = 2e-05', 'n = 3', 'flag = True'))     # YAML's string '2e-5' arrived a float
+    assert nbformat.read(out, as_version=4).cells[-1].outputs[0].text.strip() == '2e-05 3 True'
+    # mistyped keys and values on the command line: nbs/39_cli.ipynb; data folder and weights checks: nbs/30_pipeline.ipynb
+
+
+def test_cell_timeout_fails_the_notebook_and_its_mlflow_run(tmp_path, env):
+    from mlflow import MlflowClient
+    write_nb(tmp_path/'sleepy.ipynb', "experiment: str = 'mhist-timeout'\nnap: float = 0", 'import time', 'time.sleep(nap)',
+             "print('woke up')")
+    p = write_yaml(tmp_path/'t.yaml', {'name': 't', 'timeout': 600, 'run': [str(tmp_path/'sleepy.ipynb')],
+                                       'sleepy': {'nap': 120, 'timeout': 2}})
+    t0 = time.perf_counter()
+    r = mhist('run', p, '--reports', tmp_path/'reports', '--quiet', env=env)
+    assert r.returncode == 1 and time.perf_counter() - t0 < 90                      # the block's 2 s, not the file's 600
+    assert 'error: sleepy failed at cell 3 of sleepy.ipynb' in r.stderr and 'time.sleep(nap)' in r.stderr, r.stderr[-3000:]
+    assert 'CellTimeoutError: no result within 2 s' in r.stderr
+    out = tmp_path/'reports'/'t'
+    nb = nbformat.read(out/'sleepy.ipynb', as_version=4)                             # partial notebook kept, the cell marked
+    assert nb.cells[3].outputs[-1].ename == 'CellTimeoutError' and nb.cells[3].metadata.papermill.status == 'failed'
+    assert 'CellTimeoutError' in (out/'sleepy.html').read_text()                       # and the HTML shows it
+    assert 'timeout' not in injected(out/'sleepy.ipynb')                               # the driver's key, not a parameter
+    client = MlflowClient(env['MLFLOW_TRACKING_URI'])
+    runs = client.search_runs([client.get_experiment_by_name('mhist-timeout').experiment_id])
+    assert [x.info.status for x in runs] == ['FAILED']
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id, 'notebook')} == {'notebook/sleepy.ipynb', 'notebook/sleepy.html'}
+
+
+FAKE_TRAIN = """import json, os, time
+from pathlib import Path
+if action == 'sleep': time.sleep(120)
+if action == 'die': os._exit(1)
+score = {'ok': 0.7, 'best': 0.9}[action]"""
+FAKE_SAVE = """out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)   # what save_experiment writes, in small
+(out/'history_fake.csv').write_text(f'epoch,stage,val_auc,val_balanced_accuracy\\n0,full,0.5,{score}\\n1,full,0.6,0.1\\n')
+(out/'run_fake.json').write_text(json.dumps(dict(family='fake', best_epoch=0, best_val_auc=0.5, train_seconds=0.1)))"""
+
+
+def test_sweep_without_tracking_keeps_failed_trials_and_shows_the_top(tmp_path, env):
+    write_nb(tmp_path/'fake.ipynb', "out_dir: str = None\naction: str = 'ok'", FAKE_TRAIN, FAKE_SAVE)
+    base = write_yaml(tmp_path/'base.yaml', {'name': 'b', 'run': [str(tmp_path/'fake.ipynb')], 'fake': {'timeout': 3}})
+    sweep = write_yaml(tmp_path/'s.yaml', {'name': 's', 'base': str(base), 'notebook': 'fake',
+                                           'grid': {'action': ['ok', 'sleep', 'die', 'best']}, 'top': 2,
+                                           'rule': {'monitor': 'best_val_balanced_accuracy', 'mode': 'max'}})
+    r = mhist('sweep', sweep, '--reports', tmp_path/'reports', '--quiet', env={**env, 'MHIST_TRACKING': 'off'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'trial 1 failed' in r.stderr and 'CellTimeoutError' in r.stderr
+    assert 'trial 2 failed' in r.stderr and 'DeadKernelError: the kernel died' in r.stderr
+    table = pd.read_csv(tmp_path/'reports'/'s'/'sweep.csv')                         # every trial, ranked
+    assert table.action.tolist() == ['best', 'ok', 'sleep', 'die']
+    assert table.status.tolist() == ['FINISHED', 'FINISHED', 'FAILED', 'FAILED']
+    m = table.best_val_balanced_accuracy                                             # the selected epoch's, from the files
+    assert m.iloc[:2].tolist() == [0.9, 0.7] and m.iloc[2:].isna().all()
+    rows = [line.split() for line in r.stdout.strip().splitlines()]                  # printed: the header and the top 2
+    assert len(rows) == 3 and rows[1][rows[0].index('action')] == 'best' and rows[2][rows[0].index('action')] == 'ok'
+    assert not (tmp_path/'mlflow.db').exists()                                       # MHIST_TRACKING=off: no MLflow store
