@@ -18,8 +18,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import mhist_nb, torch, torchvision, nbdev, papermill" \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,serve]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import mhist_nb, torch, torchvision, nbdev, papermill, flask, gunicorn, prometheus_client, schemathesis" \
 	  || { echo "installation into $(VENV) failed" >&2; exit 1; }
 	@touch $(STAMP)
 

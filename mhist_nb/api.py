@@ -132,7 +132,7 @@ def openapi(pred:Predictor|None=None) -> dict:
     names = list(pred.models) if pred else []
     body = {'content': {
         'multipart/form-data': {'schema': {'type': 'object', 'required': ['file'], 'properties': {
-            'file': {'type': 'array', 'items': {'type': 'string', 'format': 'binary'}}}}},
+            'file': {'type': 'array', 'minItems': 1, 'items': {'type': 'string', 'format': 'binary'}}}}},
         'application/json': {'schema': {'type': 'object', 'properties': {
             'image': {'type': 'string', 'contentEncoding': 'base64'},
             'images': {'type': 'array', 'minItems': 1, 'items': {'type': 'string', 'contentEncoding': 'base64'}}}}},

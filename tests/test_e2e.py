@@ -2,8 +2,6 @@
 as `make demo` runs it at full size: every report file is there, manifests verify, and MLflow holds both training
 runs with their notebooks, ONNX files and threshold study attached."""
 import json
-import yaml
-from conftest import mhist
 
 
 def walk(client, run_id, path=None):
@@ -13,21 +11,11 @@ def walk(client, run_id, path=None):
         else: yield a.path
 
 
-def test_default_pipeline_end_to_end(tmp_path):
-    import os
+def test_default_pipeline_end_to_end(tiny_pipeline):
     from mlflow import MlflowClient
     from mhist_nb.export import read_manifest
-    params = tmp_path/'tiny.yaml'
-    params.write_text(yaml.safe_dump({
-        'name': 'tiny', 'synth': {'scale': 0.05, 'seed': 0, 'jobs': 2},
-        'common': {'data_dir': str(tmp_path/'data'), 'seed': 0, 'quiet': True},
-        '10_train_mlp': {'epochs': 2}, '11_train_vit': {'head_epochs': 1, 'full_epochs': 2},
-        '13_onnx': {'latency_runs': 3}}))
-    uri = f"sqlite:///{tmp_path/'mlflow.db'}"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES='0')
-    r = mhist('run', params, '--reports', tmp_path/'reports', '--quiet', env=env)
+    out, uri, r = tiny_pipeline
     assert r.returncode == 0, r.stderr[-4000:]
-    out = tmp_path/'reports'/'tiny'
     for nb in ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare'):
         assert (out/f'{nb}.ipynb').is_file() and (out/f'{nb}.html').is_file(), nb
     summary = (out/'summary.md').read_text()
