@@ -177,20 +177,13 @@ def _predict_route(pred:Predictor, cfg:ServeConfig):
     t0 = time.perf_counter()
     try: res = pred.predict(images, names)
     except ImageError as e:
-        i = next((i for i, b in enumerate(images) if _is_bad(b, pred, names)), 0)
+        i = getattr(e, 'index', 0)
         raise APIError(e.status, 'bad image', f'image {i}' + (f' ({filenames[i]})' if filenames[i] else '') + f': {e.detail}') from None
     dt = time.perf_counter() - t0
     m = _metrics()
     for n in names: m['infer'].labels(n).observe(res[0][n]['timings_ms']['infer'] / 1e3 if res else dt)
     return jsonify(request_id=g.rid, models=names, results=[dict(index=i, filename=f, predictions=r) for i, (f, r) in enumerate(zip(filenames, res))])
 
-def _is_bad(data, pred, names) -> bool:
-    "Does this one image fail to decode (to name it in a batch's error)?"
-    from mhist_nb.serve import decode_image
-    try:
-        for size in {pred.models[n][0]['input']['shape'][2] for n in names}: decode_image(data, size, pred.resize)
-        return False
-    except ImageError: return True
 
 # %% ../nbs/22_api.ipynb #e74d3043
 def create_app(config:ServeConfig|None=None, predictor:Predictor|None=None) -> Flask:

@@ -214,6 +214,14 @@ class Predictor:
 # %% ../nbs/20_serve.ipynb #b2ad153b
 def _ms(t0): return round((time.perf_counter() - t0) * 1e3, 3)
 
+def _tile(self:Predictor, im, size:int, index:int) -> np.ndarray:
+    "Image `index` of a request as a uint8 tile; an `ImageError` raised here knows its `index`."
+    if not isinstance(im, (bytes, bytearray)): return np.asarray(im, np.uint8)
+    try: return decode_image(bytes(im), size, self.resize)
+    except ImageError as e: e.index = index; raise
+
+Predictor._tile = _tile
+
 def predict(self:Predictor, images, models='both') -> list[dict]:
     "Per image, per model: label, p_ssa, logit, threshold, rule, model, version, timings_ms. Images: bytes or uint8 tiles."
     names = self.names(models)
@@ -222,8 +230,7 @@ def predict(self:Predictor, images, models='both') -> list[dict]:
     sizes = {self.models[n][0]['input']['shape'][2] for n in names}
     t0, tiles = time.perf_counter(), {}
     for size in sizes:
-        tiles[size] = np.stack([decode_image(bytes(im), size, self.resize) if isinstance(im, (bytes, bytearray))
-                                else np.asarray(im, np.uint8) for im in images])
+        tiles[size] = np.stack([self._tile(im, size, i) for i, im in enumerate(images)])
     t_decode = _ms(t0)
     out = [dict() for _ in range(len(images))]
     for n in names:
