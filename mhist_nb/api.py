@@ -9,11 +9,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
-from .serve import Predictor, ImageError, ModelError, RESIZE_POLICIES
+from .serve import Predictor, ImageError, ModelError, ExplainTimeout, RESIZE_POLICIES
 
 # %% auto #0
-__all__ = ['IMAGE_TYPES', 'log', 'ServeConfig', 'APIError', 'request_images', 'metrics_text', 'openapi', 'create_app', 'model_fn',
-           'input_fn', 'predict_fn', 'output_fn']
+__all__ = ['IMAGE_TYPES', 'log', 'ServeConfig', 'APIError', 'request_images', 'metrics_text', 'openapi', 'heatmap_png',
+           'create_app', 'model_fn', 'input_fn', 'predict_fn', 'output_fn']
 
 # %% ../nbs/22_api.ipynb #58d01c38
 @dataclass
@@ -26,16 +26,17 @@ class ServeConfig:
     resize: str = 'reject'              # non-224 input: reject, center-crop or resize
     allowed_origins: tuple = ()         # CORS origins ('*' for any); none by default
     default_models: tuple = ()          # what `model=both` means; default: the fp32 families
+    explain_budget_s: float = 5.        # longest an occlusion map may take before the answer is 503
 
     ENV = dict(model_dir='MHIST_MODEL_DIR', threads='MHIST_THREADS', max_body_mb='MHIST_MAX_BODY_MB',
                max_batch='MHIST_MAX_BATCH', resize='MHIST_RESIZE', allowed_origins='MHIST_ALLOWED_ORIGINS',
-               default_models='MHIST_DEFAULT_MODELS')
+               default_models='MHIST_DEFAULT_MODELS', explain_budget_s='MHIST_EXPLAIN_BUDGET_S')
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> ServeConfig:
         "Settings from `env` (default `os.environ`), then `overrides` that are not None."
         env, kw = os.environ if env is None else env, {}
-        types = dict(threads=int, max_body_mb=float, max_batch=int)
+        types = dict(threads=int, max_body_mb=float, max_batch=int, explain_budget_s=float)
         for f in fields(cls):
             raw = env.get(cls.ENV[f.name])
             if raw in (None, ''): continue
@@ -147,6 +148,16 @@ def openapi(pred:Predictor|None=None) -> dict:
     return {'openapi': '3.0.3', 'info': {'title': 'mhist_nb', 'version': '1', 'description':
                 'HP vs SSA on 224x224 H&E tiles; p_ssa is always P(SSA); each model calls SSA at its own manifest threshold.'},
         'paths': {'/predict': {'post': {'summary': 'Classify tiles', **predict}},
+                  '/explain': {'post': {'summary': 'Occlusion map of one tile for one model', 'parameters': [
+                      {**model_param, 'description': 'one model (default vit)', 'schema': {'type': 'string', 'enum': names} if names else {'type': 'string'}},
+                      {'name': 'patch', 'in': 'query', 'required': False, 'schema': {'type': 'integer', 'minimum': 1, 'maximum': 224}},
+                      {'name': 'stride', 'in': 'query', 'required': False, 'schema': {'type': 'integer', 'minimum': 8, 'maximum': 224}},
+                      {'name': 'format', 'in': 'query', 'required': False, 'schema': {'type': 'string', 'enum': ['json', 'png']}}],
+                      'requestBody': body, 'responses': {
+                          '200': {'description': 'the map (JSON), or a heat map (PNG, format=png)', 'content': {
+                              'application/json': {'schema': {'$ref': '#/components/schemas/Explanation'}},
+                              'image/png': {'schema': {'type': 'string', 'format': 'binary'}}}},
+                          **errors, '503': answer('the map would take longer than the time budget')}}},
                   '/invocations': {'post': {'summary': 'SageMaker inference (same as /predict)', **predict}},
                   '/health': ok('the process is alive', obj(status=s)),
                   '/ready': {'get': {'responses': {'200': answer('models loaded', obj(ready={'type': 'boolean'}, models={'type': 'array', 'items': s})),
@@ -160,6 +171,9 @@ def openapi(pred:Predictor|None=None) -> dict:
             'Prediction': obj(label={'type': 'string', 'enum': ['HP', 'SSA']}, p_ssa={'type': 'number', 'minimum': 0, 'maximum': 1},
                               logit=num, threshold=num, threshold_rule=s, model=s, version=s,
                               timings_ms=obj(decode=num, preprocess=num, infer=num)),
+            'Explanation': obj(request_id=s, model=s, label=s, p_ssa=num, threshold=num, patch={'type': 'integer'},
+                               stride={'type': 'integer'}, shape={'type': 'array', 'items': {'type': 'integer'}},
+                               map={'type': 'array', 'items': {'type': 'array', 'items': num}}, seconds=num),
             'Predictions': obj(request_id=s, models={'type': 'array', 'items': s}, results={'type': 'array', 'items': {
                 'type': 'object', 'required': ['index', 'predictions'], 'properties': {
                     'index': {'type': 'integer'}, 'filename': {'type': 'string', 'nullable': True},
@@ -185,9 +199,45 @@ def _predict_route(pred:Predictor, cfg:ServeConfig):
     return jsonify(request_id=g.rid, models=names, results=[dict(index=i, filename=f, predictions=r) for i, (f, r) in enumerate(zip(filenames, res))])
 
 
+# %% ../nbs/22_api.ipynb #315c8389
+def heatmap_png(m, size:int=224) -> bytes:
+    "A diverging heat map (blue - white - red, symmetric about 0) of the 2-d array `m`, resized to size x size, as PNG."
+    import io
+    import numpy as np
+    from PIL import Image
+    m = np.asarray(m, np.float32)
+    v = m / (np.abs(m).max() or 1.)
+    pos, neg = np.clip(v, 0, 1), np.clip(-v, 0, 1)
+    rgb = np.stack([1 - neg, 1 - pos - neg, 1 - pos], -1).clip(0, 1)            # red for +, blue for -, white at 0
+    im = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
+    b = io.BytesIO(); im.save(b, 'PNG'); return b.getvalue()
+
+# %% ../nbs/22_api.ipynb #8efbf7b5
+def _explain_route(pred:Predictor, cfg:ServeConfig):
+    which = request.args.get('model') or None
+    g.model = which or '-'
+    if which in ('both', 'all'): raise APIError(400, 'one model', 'an explanation is for one model: ?model=vit, ?model=mlp, ...')
+    if which is not None and which not in pred.models:
+        raise APIError(404, 'unknown model', f'unknown model {which!r}; available: {list(pred.models)}')
+    try: patch, stride = int(request.args.get('patch', 32)), int(request.args.get('stride', 32))
+    except ValueError: raise APIError(400, 'bad parameter', 'patch and stride must be whole numbers of pixels') from None
+    if stride < 8: raise APIError(400, 'bad parameter', f'stride must be at least 8 pixels, got {stride}')
+    fmt = request.args.get('format', 'json')
+    if fmt not in ('json', 'png'): raise APIError(400, 'bad parameter', f"format must be json or png, got {fmt!r}")
+    images, _ = request_images(request)
+    if len(images) != 1: raise APIError(400, 'one image', f'send exactly one image to /explain, got {len(images)}')
+    try: e = pred.explain(images[0], which, patch, stride, budget_s=cfg.explain_budget_s)
+    except ImageError as x: raise APIError(x.status, 'bad image', x.detail) from None
+    except ExplainTimeout as x: raise APIError(503, 'explanation took too long', f'{x} (MHIST_EXPLAIN_BUDGET_S)') from None
+    except ValueError as x: raise APIError(400, 'bad parameter', str(x)) from None
+    if fmt == 'png': return Response(heatmap_png(e['map'], pred.models[e['model']][0]['input']['shape'][2]), mimetype='image/png')
+    return jsonify(request_id=g.rid, model=e['model'], label=e['label'], p_ssa=e['p_ssa'], threshold=e['threshold'],
+                   patch=e['patch'], stride=e['stride'], shape=list(e['map'].shape), map=e['map'].round(6).tolist(),
+                   seconds=e['seconds'])
+
 # %% ../nbs/22_api.ipynb #e74d3043
 def create_app(config:ServeConfig|None=None, predictor:Predictor|None=None) -> Flask:
-    "The WSGI app: /predict, /health, /ready, /models, /openapi.json, /metrics and SageMaker's /ping and /invocations."
+    "The WSGI app: /predict, /explain, /health, /ready, /models, /openapi.json, /metrics, SageMaker's /ping and /invocations."
     cfg = config or ServeConfig.from_env()
     if predictor is None:
         if not cfg.model_dir: raise ModelError('no model folder: set MHIST_MODEL_DIR or pass --models DIR')
@@ -266,6 +316,9 @@ def create_app(config:ServeConfig|None=None, predictor:Predictor|None=None) -> F
 
     @app.post('/invocations')
     def invocations(): return _predict_route(pred, cfg)
+
+    @app.post('/explain')
+    def explain(): return _explain_route(pred, cfg)
 
     return app
 

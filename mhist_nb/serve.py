@@ -13,7 +13,7 @@ from PIL import Image
 __all__ = ['INPUT_NAME', 'OUTPUT_NAME', 'CLASS_NAMES', 'MANIFEST_REQUIRED', 'ACCEPTED_FORMATS', 'RESIZE_POLICIES', 'sigmoid',
            'sha256', 'check_manifest', 'read_manifest', 'ort_session', 'onnx_logits', 'open_model', 'ImageError',
            'decode_image', 'preprocess', 'classify', 'ModelError', 'manifest_paths', 'model_name', 'Predictor',
-           'predict']
+           'predict', 'ExplainTimeout', 'occlusion_map', 'explain']
 
 # %% ../nbs/20_serve.ipynb #13d01fd8
 INPUT_NAME, OUTPUT_NAME = 'image', 'logit'
@@ -244,3 +244,42 @@ def predict(self:Predictor, images, models='both') -> list[dict]:
     return out
 
 Predictor.predict = predict
+
+# %% ../nbs/20_serve.ipynb #34ba60a4
+class ExplainTimeout(RuntimeError):
+    "An explanation that cannot finish within its time budget."
+
+# %% ../nbs/20_serve.ipynb #da45f78e
+def occlusion_map(manifest:dict, session, tile, patch:int=32, stride:int=32, batch:int=64, budget_s:float|None=None) -> dict:
+    "P(SSA) minus P(SSA) with each `patch` square (every `stride` pixels) set to the training mean: a (rows, cols) map."
+    t0 = time.perf_counter()
+    x = preprocess(tile, manifest)[0]
+    h, w = x.shape[1:]
+    if not (0 < patch <= min(h, w) and 0 < stride <= min(h, w)):
+        raise ValueError(f'patch and stride must be between 1 and {min(h, w)}, got {patch} and {stride}')
+    tops, lefts = range(0, h - patch + 1, stride), range(0, w - patch + 1, stride)
+    boxes = [(t, l) for t in tops for l in lefts]
+    p0 = float(sigmoid(onnx_logits(session, x[None]))[0])
+    drop = np.empty(len(boxes), np.float32)
+    for i in range(0, len(boxes), batch):
+        chunk = boxes[i:i + batch]
+        xb = np.repeat(x[None], len(chunk), 0)
+        for j, (t, l) in enumerate(chunk): xb[j, :, t:t + patch, l:l + patch] = 0.
+        drop[i:i + len(chunk)] = p0 - sigmoid(onnx_logits(session, xb))
+        spent, done = time.perf_counter() - t0, i + len(chunk)
+        if budget_s is not None and done < len(boxes) and spent * len(boxes) / done > budget_s:
+            raise ExplainTimeout(f'an occlusion map of {len(boxes)} patches would take about {spent * len(boxes) / done:.1f} s, '
+                                 f'over the budget of {budget_s:g} s: use a larger stride, or the INT8 model')
+    return dict(map=drop.reshape(len(tops), len(lefts)), p_ssa=p0, patch=patch, stride=stride,
+                seconds=round(time.perf_counter() - t0, 4))
+
+# %% ../nbs/20_serve.ipynb #431cddfa
+def explain(self:Predictor, image, model:str|None=None, patch:int=32, stride:int=32, budget_s:float|None=None) -> dict:
+    "The occlusion map of one image (bytes or tile) for one model (default: `vit`, else the first default model)."
+    name = model or ('vit' if 'vit' in self.models else self.default[0])
+    if name not in self.models: raise KeyError(f'unknown model {name!r}; available: {list(self.models)}')
+    m, s = self.models[name]
+    r = occlusion_map(m, s, self._tile(image, m['input']['shape'][2], 0), patch, stride, budget_s=budget_s)
+    return dict(model=name, label=m['class_names'][int(r['p_ssa'] >= m['threshold'])], threshold=m['threshold'], **r)
+
+Predictor.explain = explain
