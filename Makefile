@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mhist-installed
 REPORTS ?= reports/demo
 
-.PHONY: demo test install nbtest pytest bench export clean-demo help gpu-check
+.PHONY: demo test install nbtest pytest bench export clean-demo help gpu-check test-deps
 help:
 	@echo "make demo   - the pipeline of params/demo.yaml on synthetic tiles into $(REPORTS)/ (MLflow: mlflow.db)"
 	@echo "make test   - nbdev-test (including #| slow cells) and pytest"
@@ -18,8 +18,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,serve]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import mhist_nb, torch, torchvision, nbdev, papermill, flask, gunicorn, prometheus_client, schemathesis" \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,serve,app]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import mhist_nb, torch, torchvision, nbdev, papermill, flask, gunicorn, prometheus_client, schemathesis, streamlit, captum" \
 	  || { echo "installation into $(VENV) failed" >&2; exit 1; }
 	@touch $(STAMP)
 
@@ -28,6 +28,18 @@ demo: $(STAMP)
 	@echo
 	@echo "Reports in $(REPORTS)/: executed notebooks (*.ipynb) with their HTML, figures, tables and predictions."
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then open http://127.0.0.1:5000)"
+
+# System packages that only tests need: Debian's chromium, which tests/test_app.py drives with Playwright (Playwright's
+# own browser download is never used). Idempotent: nothing to do when /usr/bin/chromium exists. Without it the browser
+# test skips, saying why. CI (.ci/run) calls it before `make test`.
+test-deps:
+	@if [ -x /usr/bin/chromium ]; then echo "test-deps: /usr/bin/chromium present"; \
+	elif ! command -v apt-get >/dev/null; then echo "test-deps: no apt-get; install Chromium as /usr/bin/chromium to run the browser test"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "test-deps: not root and no sudo; run as root: apt-get install -y --no-install-recommends chromium"; exit 0; fi; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium; \
+	fi
 
 test: $(STAMP) nbtest pytest
 
