@@ -83,7 +83,7 @@ def test_predictor_matches_training(tiny_pipeline):
         m = pred.models[fam][0]
         np.testing.assert_allclose(m['mean'], run['mean'], atol=1e-9)
         x = preprocess(np.stack([decode_image(b) for b in data[:16]]), m)
-        raw = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert('RGB'))).permute(2, 0, 1) for f in files[:16]])
+        raw = torch.stack([torch.from_numpy(np.array(Image.open(f).convert('RGB'))).permute(2, 0, 1) for f in files[:16]])
         ref = make_transform(run['mean'], run['std'])(raw).numpy()
         assert np.abs(x - ref).max() <= 2e-6
         res = pred.predict(data, fam)
