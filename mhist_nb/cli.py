@@ -10,7 +10,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['summarize', 'cmd_check', 'cmd_synth', 'cmd_explore', 'parse_parameters', 'cmd_run', 'cmd_sweep', 'cmd_serve',
-           'cmd_predict', 'build_parser', 'main']
+           'cmd_predict', 'app_command', 'cmd_app', 'build_parser', 'main']
 
 # %% ../nbs/39_cli.ipynb #54e8dfd0
 def summarize(df) -> str:
@@ -139,6 +139,33 @@ def cmd_predict(args) -> int:
     if failed: print(f'{failed} of {len(args.images)} file(s) could not be classified', file=sys.stderr)
     return 1 if failed else 0
 
+# %% ../nbs/39_cli.ipynb #013d632c
+def app_command(args) -> tuple[list[str], dict]:
+    "The `streamlit run` command line of the page (mhist_nb/app.py) and its environment, the flags as MHIST_* variables."
+    import os
+    from importlib.util import find_spec
+    env = dict(os.environ)
+    for flag, var in (('reports', 'MHIST_REPORTS'), ('models', 'MHIST_MODEL_DIR'), ('data_dir', 'MHIST_DATA_DIR')):
+        v = getattr(args, flag)
+        if v and not Path(v).is_dir(): raise FileNotFoundError(f'--{flag.replace("_", "-")} {v}: no such folder')
+        if v: env[var] = str(Path(v).resolve())
+    if args.api and not args.api.startswith(('http://', 'https://')): raise ValueError(f'--api {args.api}: not an http(s) URL')
+    if args.api: env['MHIST_API_URL'] = args.api
+    argv = [sys.executable, '-m', 'streamlit', 'run', find_spec('mhist_nb.app').origin, '--server.headless', 'true',
+            '--server.address', args.host, '--server.port', str(args.port), '--browser.gatherUsageStats', 'false',
+            '--server.fileWatcherType', 'none', '--client.toolbarMode', 'viewer']
+    return argv, env
+
+def cmd_app(args) -> int:
+    "Start the Streamlit page: check the flags, then exec `python -m streamlit run` on mhist_nb/app.py."
+    import os
+    from importlib.util import find_spec
+    if find_spec('streamlit') is None: print("error: streamlit is not installed: pip install 'mhist_nb[app]'", file=sys.stderr); return 2
+    try: argv, env = app_command(args)
+    except (FileNotFoundError, ValueError) as e: print(f'error: {e}', file=sys.stderr); return 2
+    print(f'the MHIST page at http://{args.host}:{args.port}  (predictions from {env.get("MHIST_API_URL") or "the models, in process"})', flush=True)
+    os.execve(sys.executable, argv, env)
+
 # %% ../nbs/39_cli.ipynb #0d0dff31
 def build_parser() -> argparse.ArgumentParser:
     "The `mhist` argument parser with its sub-commands."
@@ -221,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--threads', type=int, help='ONNX Runtime threads per model')
     q.add_argument('--resize', choices=('reject', 'center-crop', 'resize'), default='reject', help='input that is not 224x224 (default reject)')
     q.set_defaults(func=cmd_predict)
+    a = sub.add_parser('app', help='the Streamlit page: tiles, both models, occlusion maps, figures', **raw, description=
+                       'Start the Streamlit page (mhist_nb/app.py): pick a tile from a dataset folder or upload one, see each\n'
+                       "model's P(SSA) against its threshold, the call, the timings and an occlusion map; the study's figures.\n"
+                       'With --api it asks the HTTP API, otherwise it loads the models itself. No PyTorch is loaded.',
+                       epilog='examples:\n  mhist app                                  # in process, on reports/demo\n'
+                              '  mhist app --api http://127.0.0.1:8000 --port 8501')
+    a.add_argument('--reports', help='reports folder: figures, comparison, predictions (default: $MHIST_REPORTS, else reports/demo)')
+    a.add_argument('--models', help='models for in-process predictions (default: $MHIST_MODEL_DIR, else the reports folder)')
+    a.add_argument('--api', help='URL of the HTTP API, e.g. http://127.0.0.1:8000 (default: $MHIST_API_URL; unset: in process)')
+    a.add_argument('--data-dir', help="MHIST-layout folder to pick tiles from (default: $MHIST_DATA_DIR, else the runs' data_dir)")
+    a.add_argument('--host', default='127.0.0.1', help='interface to bind (default 127.0.0.1; 0.0.0.0 to expose it)')
+    a.add_argument('--port', type=int, default=8501, help='port (default 8501)')
+    a.set_defaults(func=cmd_app)
     return p
 
 def main(argv=None) -> int:

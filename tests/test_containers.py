@@ -16,7 +16,7 @@ from conftest import ROOT, BIN
 
 DOCKER = ROOT/'docker'
 DOCKERFILES = sorted(DOCKER.glob('*.Dockerfile'))
-API_DF, LAMBDA_DF = DOCKER/'api.Dockerfile', DOCKER/'lambda.Dockerfile'
+API_DF, LAMBDA_DF, APP_DF = DOCKER/'api.Dockerfile', DOCKER/'lambda.Dockerfile', DOCKER/'app.Dockerfile'
 COMPOSE = ROOT/'docker-compose.yml'
 SCHEMA = ROOT/'tests'/'schemas'/'compose_spec.json'
 ENTRYPOINT = DOCKER/'entrypoint.sh'
@@ -260,7 +260,58 @@ def test_compose_file_is_valid_and_refers_to_existing_files():
             for v in re.findall(r"""['"](MHIST_[A-Z_]+)['"]""", (ROOT/'mhist_nb'/f).read_text())}
     assert set(api['environment']) <= read, f"variables the server does not read: {set(api['environment']) - read}"
     assert not [k for k in api['environment'] if re.search(r'SECRET|PASSWORD|TOKEN|KEY', k)]
-    assert set(raw['services']) == {'api'}
+    assert set(raw['services']) == {'api', 'app'}
+
+
+def read_by(*modules) -> set:
+    "The MHIST_* variables the named mhist_nb modules read (every quoted MHIST_ name in their source)."
+    return {v for f in modules if (ROOT/'mhist_nb'/f).is_file()
+            for v in re.findall(r"""['"](MHIST_[A-Z_]+)['"]""", (ROOT/'mhist_nb'/f).read_text())}
+
+
+def test_compose_app_service():
+    "The Streamlit page: its image, the api it asks (healthy first), read-only reports and tiles, variables it reads."
+    doc = interpolate(yaml.safe_load(COMPOSE.read_text()), {})
+    app, api = doc['services']['app'], doc['services']['api']
+    assert (ROOT/app['build']['context']/app['build']['dockerfile']).resolve() == APP_DF
+    assert app['depends_on'] == {'api': {'condition': 'service_healthy'}} and api['healthcheck']
+    assert app['ports'] == ['8501:8501'] and '8501' in ' '.join(effective(APP_DF, 'EXPOSE')).split()
+    env = app['environment']
+    api_port = api['ports'][0].rsplit(':', 1)[1]                          # the api's port inside the compose network
+    assert env['MHIST_API_URL'] == f'http://api:{api_port}'
+    assert all(v['type'] == 'bind' and v['read_only'] is True for v in app['volumes'])
+    mounts = {v['target']: v['source'] for v in app['volumes']}
+    assert set(mounts) == {env['MHIST_REPORTS'], env['MHIST_DATA_DIR']}
+    assert mounts[env['MHIST_REPORTS']] == api['volumes'][0]['source'], 'by default the page reads the reports the api serves'
+    assert Path(mounts[env['MHIST_DATA_DIR']]) == Path('./data/synth'), 'the default tiles are those make demo writes'
+    # every variable passed is one the page reads (no typo silently ignored), and none looks like a secret
+    read = read_by('app.py')
+    assert set(env) <= read, f'variables the page does not read: {set(env) - read}'
+    assert not [k for k in env if re.search(r'SECRET|PASSWORD|TOKEN|KEY', k)]
+    hc = exec_form(effective(APP_DF, 'HEALTHCHECK')[-1].split(' CMD ', 1)[1])
+    assert app['healthcheck']['test'] == ['CMD', *hc]
+    assert app['restart'] in ('always', 'unless-stopped', 'on-failure')
+    assert app['read_only'] is True and app['tmpfs'] == ['/tmp'] and 'HOME=/tmp' in ' '.join(effective(APP_DF, 'ENV')).split()
+
+
+def test_app_image_specifics():
+    "The page's image: slim Python, pyproject's `app` extra on top of the serve requirements, `mhist app` on 0.0.0.0:8501."
+    assert re.fullmatch(r'python:3\.11-slim-[a-z]+', stages(APP_DF)[-1]['base'])
+    cmd = exec_form(effective(APP_DF, 'CMD')[-1])
+    assert cmd == ['mhist', 'app', '--host', '0.0.0.0', '--port', '8501']
+    from mhist_nb.cli import build_parser, cmd_app
+    args = build_parser().parse_args(cmd[1:])
+    assert args.func is cmd_app and (args.host, args.port) == ('0.0.0.0', 8501)
+    extra = tomllib.loads((ROOT/'pyproject.toml').read_text())['project']['optional-dependencies']['app']
+    install = next(a for k, a in instructions(APP_DF) if k == 'RUN' and 'requirements-serve.txt' in a)
+    listed = [Requirement(r) for r in re.findall(r'"([^"]+)"', install)]
+    assert [str(r) for r in listed] == [str(Requirement(r)) for r in extra], \
+        "docker/app.Dockerfile must install exactly pyproject's `app` extra (besides the serve requirements)"
+    image_env = dict(kv.split('=', 1) for a in effective(APP_DF, 'ENV') for kv in a.split() if '=' in kv)
+    mhist_vars = {k for k in image_env if k.startswith('MHIST_')}
+    assert mhist_vars and mhist_vars <= read_by('app.py'), mhist_vars - read_by('app.py')
+    hc = exec_form(effective(APP_DF, 'HEALTHCHECK')[-1].split(' CMD ', 1)[1])
+    assert hc[0] == 'python' and 'http://127.0.0.1:8501/_stcore/health' in hc[-1]     # python, not curl
 
 
 # ---------------------------------------------------------------- the entrypoint, with a fake gunicorn
@@ -468,3 +519,31 @@ def test_lambda_image_handler_outside_a_container(models, tile, monkeypatch):
                  'requestContext': {'http': {'method': 'POST'}}, 'headers': {'content-type': 'image/png'},
                  'body': base64.b64encode(png).decode(), 'isBase64Encoded': True}, None)
     check_predictions(r['statusCode'], r['body'], a)
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(('127.0.0.1', port)) == 0
+
+
+@needs_api
+def test_app_image_command_outside_a_container(models, tmp_path):
+    """The page image's CMD, word for word, with this venv's `mhist`, the image's MHIST_* settings pointed at a stand-in
+    reports folder and the toy models; then the image's HEALTHCHECK command, against it and after it stopped."""
+    if find_spec('streamlit') is None: pytest.skip('streamlit is not installed (the app extra)')
+    cmd = exec_form(effective(APP_DF, 'CMD')[-1])
+    port = int(cmd[cmd.index('--port') + 1])
+    if _port_taken(port): pytest.skip(f'port {port}, which the image command binds, is in use here')
+    hc = exec_form(effective(APP_DF, 'HEALTHCHECK')[-1].split(' CMD ', 1)[1])
+    (tmp_path/'reports').mkdir()
+    srv = Server(cmd, server_env(tmp_path, MHIST_REPORTS=str(tmp_path/'reports'), MHIST_MODEL_DIR=str(models),
+                                 MHIST_DATA_DIR=str(tmp_path), STREAMLIT_BROWSER_GATHER_USAGE_STATS='false'), tmp_path/'app.log')
+    try:
+        srv.wait_ready(f'http://127.0.0.1:{port}', ['/_stcore/health', '/'])
+        r = subprocess.run([sys.executable, *hc[1:]], capture_output=True, text=True, timeout=10)
+        assert r.returncode == 0, r.stderr
+    finally:
+        rc = srv.stop()
+    assert rc == 0, f'the page did not stop cleanly on SIGTERM ({rc}):\n{srv.tail()}'
+    r = subprocess.run([sys.executable, *hc[1:]], capture_output=True, text=True, timeout=10)
+    assert r.returncode != 0                                  # and it reports a page that is gone

@@ -115,11 +115,12 @@ def test_run_notebooks_import_runtime_dependencies_only(name, runtime):
 
 
 SERVING = ('serve.py', 'api.py', 'gunicorn_conf.py', 'aws_lambda.py')     # run from `pip install --no-deps` + the serve extra
+APP = ('app.py',)                      # the Streamlit page: `pip install --no-deps` + the serve and app extras
 
 
-def serve_roots() -> list:
-    "mhist_nb's `serve` extra, the whole of what a serving image installs besides mhist_nb itself."
-    return [r for r in requires(OWN) or [] if (m := Requirement(r).marker) is not None and m.evaluate({'extra': 'serve'})
+def serve_roots(extra='serve') -> list:
+    "mhist_nb's `extra` (default `serve`), the whole of what a serving image installs besides mhist_nb itself."
+    return [r for r in requires(OWN) or [] if (m := Requirement(r).marker) is not None and m.evaluate({'extra': extra})
             and not m.evaluate({'extra': ''})]
 
 
@@ -128,7 +129,7 @@ def test_package_imports_runtime_dependencies_only(runtime):
     import mhist_nb
     files = sorted(Path(mhist_nb.__file__).parent.glob('*.py'))
     assert len(files) > 5, files
-    bad = problems(((f.name, f.read_text()) for f in files if f.name not in SERVING), runtime, OWN)
+    bad = problems(((f.name, f.read_text()) for f in files if f.name not in SERVING + APP), runtime, OWN)
     assert not bad, '\n'.join(bad)
 
 
@@ -174,3 +175,13 @@ def test_catches_dev_only_imports():
     assert len(now) == 1 and "'pytest' from pytest" in now[0], now              # fastcore is a runtime dependency now
     assert problems([('x', 'import nbdev')], closure(runtime_roots()), 'fake.ipynb')      # nbdev is dev-only
     assert 'no installed distribution' in problems([('x', 'import surely_not_a_module_xyz')], set(), 'f')[0]
+
+
+def test_app_module_imports_the_serve_and_app_extras_only():
+    "The page runs in docker/app.Dockerfile: `pip install --no-deps mhist_nb`, the serve requirements and the app extra."
+    import mhist_nb
+    allowed = closure(serve_roots('serve') + serve_roots('app'))
+    assert 'streamlit' in allowed and 'torch' not in allowed, sorted(allowed)
+    lib = Path(mhist_nb.__file__).parent
+    bad = problems(((n, (lib/n).read_text()) for n in APP), allowed, OWN)
+    assert not bad, '\n'.join(bad)
