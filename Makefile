@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/trainer.py
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/serve.py
 
 export: $(STAMP)
 	$(BIN)/nbdev-export && $(BIN)/nbdev-clean
