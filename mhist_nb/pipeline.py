@@ -18,7 +18,7 @@ __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'PATH_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 
            'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #e71753cb
-DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare')
+DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
 TOP_KEYS = ('name', 'synth', 'run', 'common', 'timeout')
 
 class ParamsError(ValueError):

@@ -22,7 +22,7 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def tiny_pipeline(tmp_path_factory):
-    """The whole default pipeline (explore -> MLP -> ViT -> threshold study -> ONNX -> comparison) on a tiny synthetic
+    """The whole default pipeline (explore -> MLP -> ViT -> threshold study -> ONNX -> comparison -> explanations) on a tiny synthetic
     set, run once per session with `mhist run`: the end-to-end test checks its reports, the serving tests serve its
     models. Returns (reports folder, MLflow tracking URI, the CompletedProcess)."""
     import yaml

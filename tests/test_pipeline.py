@@ -39,7 +39,7 @@ def test_shipped_parameter_files_are_valid(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     for f in ('demo', 'mhist_cpu', 'mhist_gpu'):
         cfg = load_params(ROOT/'params'/f'{f}.yaml')
-        assert cfg['run'] == ['02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare']
+        assert cfg['run'] == ['02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain']
     spec = load_sweep(ROOT/'params'/'sweep_vit.yaml')
     assert spec['notebook'] == '11_train_vit'
 
