@@ -312,7 +312,7 @@ def run_notebook(nb, out_nb, params:dict, timeout:int|None=3600, quiet:bool=Fals
     key, partial = notebook_key(nb), f'\n  partial notebook: {out_nb}'
     first = lambda src: next((l for l in src.splitlines() if l.strip()), '')[:80]
     try:
-        with _env(**(env or {})):
+        with _env(MPLBACKEND=None, **(env or {})):   # the kernel's inline figures, whatever the caller set (Streamlit sets Agg)
             pm.execute_notebook(str(project_notebook(nb)), str(out_nb), parameters=params, kernel_name='python3',
                                 progress_bar=not quiet, cwd=str(out_nb.parent), execution_timeout=timeout)
     except pm.PapermillExecutionError as e:
