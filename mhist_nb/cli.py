@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     import os
     models_help = 'folder of manifest_*.json and ONNX files, e.g. reports/demo (default: $MHIST_MODEL_DIR)'
     v = sub.add_parser('serve', help='serve the ONNX models of a folder over HTTP', **raw, description=
-                       'Check the models of DIR (sha256, ONNX Runtime load), then run the HTTP API under gunicorn: POST /predict,\n'
+                       'Check the models of DIR (sha256, ONNX Runtime load), then run the HTTP API under gunicorn: POST /predict, /explain,\n'
                        'GET /health /ready /models /openapi.json /metrics, SageMaker\'s /ping and /invocations. Flags override\n'
                        'the MHIST_* environment variables. No PyTorch is loaded.',
                        epilog='example:\n  mhist serve --models reports/demo --port 8000\n  curl -s -F file=@tile.png http://127.0.0.1:8000/predict')
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument('--host', default='127.0.0.1', help='interface to bind (default 127.0.0.1; 0.0.0.0 to expose it)')
     v.add_argument('--port', type=int, default=8000, help='port (default 8000)')
     v.add_argument('--workers', type=int, help='gunicorn worker processes, each with its own copy of the models (default: $MHIST_WORKERS, else 2)')
-    v.add_argument('--threads', type=int, help='ONNX Runtime threads per model and worker (default: $MHIST_THREADS, else all cores)')
+    v.add_argument('--threads', type=int, help='ONNX Runtime threads per model and worker (default: $MHIST_THREADS, else the cores shared among the workers)')
     v.add_argument('--resize', choices=('reject', 'center-crop', 'resize'), help='input that is not 224x224 (default reject)')
     v.add_argument('--max-batch', type=int, help='most images per request (default 32)')
     v.add_argument('--max-body-mb', type=float, help='largest request body in MB (default 10)')
