@@ -102,22 +102,24 @@ def _metrics():
     "The API's Prometheus metrics, created once per process (prometheus_client registers them globally)."
     global _METRICS
     if '_METRICS' not in globals():
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
+        reg = CollectorRegistry()                     # our own, not the global one: no clash when imported twice
+        ProcessCollector(registry=reg); PlatformCollector(registry=reg)
         buckets = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
-        _METRICS = dict(
-            requests=Counter('mhist_requests', 'HTTP requests by route, model and status', ['route', 'model', 'status']),
-            latency=Histogram('mhist_request_seconds', 'HTTP request latency', ['route', 'model'], buckets=buckets),
-            infer=Histogram('mhist_inference_seconds', 'Model inference time per request', ['model'], buckets=buckets))
+        _METRICS = dict(registry=reg,
+            requests=Counter('mhist_requests', 'HTTP requests by route, model and status', ['route', 'model', 'status'], registry=reg),
+            latency=Histogram('mhist_request_seconds', 'HTTP request latency', ['route', 'model'], buckets=buckets, registry=reg),
+            infer=Histogram('mhist_inference_seconds', 'Model inference time per request', ['model'], buckets=buckets, registry=reg))
     return _METRICS
 
 def metrics_text() -> tuple[bytes, str]:
     "Prometheus exposition of this process, or of all gunicorn workers in multiprocess mode."
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
         from prometheus_client import multiprocess
         reg = CollectorRegistry(); multiprocess.MultiProcessCollector(reg)
         return generate_latest(reg), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(_metrics()['registry']), CONTENT_TYPE_LATEST
 
 log = logging.getLogger('mhist_nb.api')
 
