@@ -481,7 +481,7 @@ class MHISTData:
     def __init__(self, data_dir, batch_size:int=32, val_frac:float=0.2, seed:int=42, cache:str='memory',
                  cache_dir=None, augment:dict|None=None, balance:bool=False, num_workers:int|None=None,
                  include_test:bool=False, check_images:bool=True, size:int|None=None, progress:bool=False,
-                 data_device:str='auto', device:str='auto'):
+                 data_device:str='workers', device:str='auto'):
         self.root, self.val_frac, self.seed = Path(data_dir), val_frac, seed
         df = read_mhist(self.root, check_images=False)
         cache_dir = Path(cache_dir) if cache_dir else self.root/'.mhist_cache'

@@ -62,7 +62,8 @@ def test_device_path_matches_worker_path(tmp_path):
     d = synth(tmp_path/'synth', scale=0.03, seed=0, n_jobs=4)
     mk = lambda **kw: MHISTData(d, batch_size=16, seed=1, augment=dict(flips=True, rot90=True, hed_jitter=0.05), **kw)
     gpu, cpu = mk(data_device='cuda'), mk(data_device='workers', num_workers=0)
-    assert gpu.data_device == 'cuda' and mk().data_device == 'cuda'        # auto: a few MB fit on any GPU
+    assert gpu.data_device == 'cuda' and mk(data_device='auto').data_device == 'cuda'   # auto: a few MB fit on any GPU
+    assert mk().data_device == 'workers'                                     # the default: CPU tensors for readers
     for _ in range(2):                                                       # two epochs: order and draws per epoch
         for (xg, yg, ng, _), (xc, yc, nc, _) in zip(gpu.train, cpu.train):
             assert xg.device.type == 'cuda' and ng == nc
