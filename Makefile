@@ -41,7 +41,11 @@ test-deps:
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium; \
 	fi
 
-test: $(STAMP) nbtest pytest
+# Notebooks and tests write scratch files (checkpoints, tiles, models) through tempfile: `make test` points TMPDIR at
+# one scratch folder and removes it afterwards, so repeated runs don't fill the disk.
+test: $(STAMP)
+	@scratch=$$(mktemp -d -t mhist-test-XXXXXX) && trap 'rm -rf "$$scratch"' EXIT && \
+	  TMPDIR="$$scratch" $(MAKE) --no-print-directory nbtest pytest
 
 nbtest: $(STAMP)
 	$(BIN)/nbdev-test --flags slow --n-workers 2 --timing
