@@ -7,19 +7,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mhist-installed
 REPORTS ?= reports/demo
 
-.PHONY: demo test install nbtest pytest bench export clean-demo help gpu-check test-deps
+.PHONY: demo test install nbtest pytest bench export clean-demo help gpu-check test-deps outputs readme docs
 help:
 	@echo "make demo   - the pipeline of params/demo.yaml on synthetic tiles into $(REPORTS)/ (MLflow: mlflow.db)"
 	@echo "make test   - nbdev-test (including #| slow cells) and pytest"
 	@echo "make bench  - benchmark tables (benchmarks/*.py)"
+	@echo "make outputs - re-execute the library chapters (with #| slow cells) and store their outputs (committed)"
+	@echo "make readme - README.md from nbs/index.ipynb (its results cell re-executed on reports/demo)"
+	@echo "make docs   - the docs site in _docs/ from the committed outputs (offline; nbdev-docs with Quarto in CI)"
 	@echo "make gpu-check - on a GPU box, with the python3 on PATH (no install): GPU tests, GPU benchmark, GPU smoke pipeline"
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,serve,app]' 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import mhist_nb, torch, torchvision, nbdev, papermill, flask, gunicorn, prometheus_client, schemathesis, streamlit, captum" \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,serve,app,scale]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import mhist_nb, torch, torchvision, nbdev, papermill, flask, gunicorn, prometheus_client, schemathesis, streamlit, captum, psycopg, flask_wtf" \
 	  || { echo "installation into $(VENV) failed" >&2; exit 1; }
 	@touch $(STAMP)
 
@@ -29,16 +32,19 @@ demo: $(STAMP)
 	@echo "Reports in $(REPORTS)/: executed notebooks (*.ipynb) with their HTML, figures, tables and predictions."
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   (then open http://127.0.0.1:5000)"
 
-# System packages that only tests need: Debian's chromium, which tests/test_app.py drives with Playwright (Playwright's
-# own browser download is never used). Idempotent: nothing to do when /usr/bin/chromium exists. Without it the browser
-# test skips, saying why. CI (.ci/run) calls it before `make test`.
+# System packages that only tests need, from Debian: chromium, which tests/test_app.py and tests/test_docs.py drive with
+# Playwright (Playwright's own browser download is never used), and postgresql, the backend store of the shared MLflow
+# server that tests/test_tracking_server.py starts on loopback (the cluster service is not started: the test runs its
+# own). Idempotent: nothing to do when both are present. Without them those tests skip, saying why. CI (.ci/run) calls it.
+TEST_DEBS = $(if $(wildcard /usr/bin/chromium),,chromium) $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql)
 test-deps:
-	@if [ -x /usr/bin/chromium ]; then echo "test-deps: /usr/bin/chromium present"; \
-	elif ! command -v apt-get >/dev/null; then echo "test-deps: no apt-get; install Chromium as /usr/bin/chromium to run the browser test"; \
+	@debs="$(strip $(TEST_DEBS))"; \
+	if [ -z "$$debs" ]; then echo "test-deps: chromium and postgresql present"; \
+	elif ! command -v apt-get >/dev/null; then echo "test-deps: no apt-get; install $$debs to run the tests that need them"; \
 	else \
 	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
-	  else echo "test-deps: not root and no sudo; run as root: apt-get install -y --no-install-recommends chromium"; exit 0; fi; \
-	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "test-deps: not root and no sudo; run as root: apt-get install -y --no-install-recommends $$debs"; exit 0; fi; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$debs; \
 	fi
 
 # Notebooks and tests write scratch files (checkpoints, tiles, models) through tempfile: `make test` points TMPDIR at
@@ -77,3 +83,18 @@ gpu-check:
 	if $(GPU_PY) -c "import papermill, mlflow, nbconvert, ipykernel" 2>/dev/null; then \
 	  $(GPU_PY) -c "import sys; from mhist_nb.cli import main; sys.exit(main(sys.argv[1:]))" run params/gpu_smoke.yaml; \
 	else echo "papermill, mlflow, nbconvert or ipykernel not importable: the smoke pipeline (params/gpu_smoke.yaml) is skipped"; fi
+
+# Library chapters are committed with their outputs (the docs are built from them, as in nbdev projects): re-execute
+# them here after changing one, then commit. Scratch files go to a folder removed afterwards.
+LIBRARY_NBS = $(shell grep -l '"\#| default_exp' nbs/*.ipynb)
+outputs: $(STAMP)
+	@scratch=$$(mktemp -d -t mhist-outputs-XXXXXX) && trap 'rm -rf "$$scratch"' EXIT && \
+	  for nb in $(LIBRARY_NBS); do echo "$$nb"; TMPDIR="$$scratch" $(BIN)/nbdev-test "$$nb" --flags slow --save || exit 1; done
+	$(BIN)/nbdev-clean
+
+readme: $(STAMP)
+	$(BIN)/nbdev-test nbs/index.ipynb --save && $(BIN)/nbdev-clean --fname nbs/index.ipynb
+	$(BIN)/python tools/docs.py readme
+
+docs: $(STAMP)
+	$(BIN)/python tools/docs.py site --out _docs --reports $(REPORTS)
