@@ -10,23 +10,26 @@ from pathlib import Path
 import numpy as np, pandas as pd, yaml
 
 # %% auto #0
-__all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'PATH_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'WEIGHT_SUFFIXES', 'SWEEP_KEYS', 'ParamsError',
-           'project_notebook', 'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members', 'coerce',
-           'dict_fields', 'check_param', 'load_params', 'is_weights_path', 'notebook_params', 'notebook_timeout',
-           'NotebookError', 'to_html', 'run_notebook', 'start_run', 'finish_run', 'path_problems', 'check_paths',
-           'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric', 'load_sweep', 'sweep_configs', 'run_sweep',
+__all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
+           'TQDM_WARNING_FILTER', 'SWEEP_KEYS', 'SM_VARS', 'ParamsError', 'project_notebook', 'notebook_key',
+           'notebook_parameters', 'notebook_types', 'type_members', 'coerce', 'dict_fields', 'check_param',
+           'load_params', 'is_weights_path', 'notebook_params', 'notebook_timeout', 'NotebookError', 'to_html',
+           'kernel_env', 'run_notebook', 'start_run', 'finish_run', 'path_problems', 'check_paths', 'ensure_data',
+           'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs', 'load_sweep', 'run_sweep',
            'sagemaker_main']
 
-# %% ../nbs/30_pipeline.ipynb #e71753cb
+# %% ../nbs/30_pipeline.ipynb #2eaa88da
 DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
 TOP_KEYS = ('name', 'synth', 'run', 'common', 'timeout')
 
+# %% ../nbs/30_pipeline.ipynb #b0d0cef8
 class ParamsError(ValueError):
     "Every problem found in a parameter file, raised together."
     def __init__(self, source, problems):
         self.problems = list(problems)
         super().__init__(f'{source}: {len(self.problems)} problem(s):\n' + '\n'.join(f'  - {p}' for p in self.problems))
 
+# %% ../nbs/30_pipeline.ipynb #4ddbed89
 @contextmanager
 def _env(**kw):
     "Temporarily set (or, for None, unset) environment variables."
@@ -41,6 +44,7 @@ def _env(**kw):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+# %% ../nbs/30_pipeline.ipynb #4aa71383
 def project_notebook(name) -> Path:
     "A notebook by name (`10_train_mlp`) from the project's nbs/, or a path to any notebook."
     p = Path(name)
@@ -50,69 +54,88 @@ def project_notebook(name) -> Path:
     if not q.is_file(): raise FileNotFoundError(f'notebook {name!r} not found (looked in {q.parent}); run from a clone of the repository')
     return q
 
+# %% ../nbs/30_pipeline.ipynb #7eb7a9a0
 def notebook_key(name) -> str:
     "The key under which a notebook's parameters appear: `10_train_mlp` for nbs/10_train_mlp.ipynb."
     return Path(str(name)).stem
 
-# %% ../nbs/30_pipeline.ipynb #59dfa857
+# %% ../nbs/30_pipeline.ipynb #a62963be
 def _parameters_source(path) -> str|None:
     "Source of the first cell tagged `parameters` of the notebook at `path`."
     import nbformat
     return next((c.source for c in nbformat.read(path, as_version=4).cells if 'parameters' in c.metadata.get('tags', [])), None)
 
-@functools.lru_cache(maxsize=64)
-def _inspect(path:str, mtime_ns:int) -> dict:
-    "{name: dict(default, type)} of a notebook's `parameters` cell (cached per file version); type 'None' where unannotated."
-    src = _parameters_source(path)
-    if src is None: return {}
-    try: tree = ast.parse(src)
-    except SyntaxError:                                          # e.g. a magic in the cell: papermill's reading instead
-        import papermill as pm
-        return {k: dict(default=v['default'], type=v['inferred_type_name']) for k, v in pm.inspect_notebook(path).items()}
+# %% ../nbs/30_pipeline.ipynb #73ad6ddb
+def _annotation(a) -> str:
+    "An annotation node as text: a string annotation (`'float'`) gives the type it names."
+    return a.value if isinstance(a, ast.Constant) and isinstance(a.value, str) else ast.unparse(a)
+
+def _assignments(src:str) -> dict:
+    "{name: dict(default, type)} of the assignments in a `parameters` cell's source; type 'None' where unannotated."
     out = {}
-    for n in tree.body:
+    for n in ast.parse(src).body:
         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.value is not None:
-            a = n.annotation
-            out[n.target.id] = dict(default=ast.get_source_segment(src, n.value),
-                                    type=a.value if isinstance(a, ast.Constant) and isinstance(a.value, str) else ast.unparse(a))
+            out[n.target.id] = dict(default=ast.get_source_segment(src, n.value), type=_annotation(n.annotation))
         elif isinstance(n, ast.Assign):
             out.update({t.id: dict(default=ast.get_source_segment(src, n.value), type='None')
                         for t in n.targets if isinstance(t, ast.Name)})
     return out
 
+# %% ../nbs/30_pipeline.ipynb #edff6232
+@functools.lru_cache(maxsize=64)
+def _inspect(path:str, mtime_ns:int) -> dict:
+    "{name: dict(default, type)} of a notebook's `parameters` cell (cached per file version); type 'None' where unannotated."
+    src = _parameters_source(path)
+    if src is None: return {}
+    try: return _assignments(src)
+    except SyntaxError:                                          # e.g. a magic in the cell: papermill's reading instead
+        import papermill as pm
+        return {k: dict(default=v['default'], type=v['inferred_type_name']) for k, v in pm.inspect_notebook(path).items()}
+
 def _declared_params(nb) -> dict:
     p = project_notebook(nb)
     return _inspect(str(p), p.stat().st_mtime_ns)
 
+# %% ../nbs/30_pipeline.ipynb #8c22e881
 def notebook_parameters(nb) -> dict:
     "Parameter names and defaults (as source text) declared in the `parameters` cell of notebook `nb`."
     return {k: v['default'] for k, v in _declared_params(nb).items()}
 
+# %% ../nbs/30_pipeline.ipynb #7e757fcc
 def notebook_types(nb) -> dict:
     "Parameter names and annotations (`'float'`, `'str | None'`; `'None'` where there is none) of notebook `nb`."
     return {k: v['type'] for k, v in _declared_params(nb).items()}
 
-# %% ../nbs/30_pipeline.ipynb #d5fd3854
+# %% ../nbs/30_pipeline.ipynb #3d2fe408
 _KINDS = dict(int=int, float=float, bool=bool, str=str, dict=dict, list=list)
+_ALIASES = {'NoneType': 'None', 'List': 'list', 'Dict': 'dict'}
 
+def _type_name(n) -> str|None:
+    "The name an annotation node refers to (`typing.Optional` → 'Optional')."
+    return n.attr if isinstance(n, ast.Attribute) else getattr(n, 'id', None)
+
+# %% ../nbs/30_pipeline.ipynb #d3c9f34a
+def _members(n) -> list[str]:
+    "Type names that annotation node `n` allows; ValueError for a type not checked here."
+    if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr): return _members(n.left) + _members(n.right)
+    if isinstance(n, ast.Constant): return ['None'] if n.value is None else _members(ast.parse(n.value, mode='eval').body)
+    if isinstance(n, ast.Subscript):
+        args = n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice]
+        if _type_name(n.value) == 'Optional': return _members(args[0]) + ['None']
+        if _type_name(n.value) == 'Union': return [t for a in args for t in _members(a)]
+        n = n.value                                           # list[int], Dict[str, float]: the container
+    t = _ALIASES.get(_type_name(n), _type_name(n))
+    if t != 'None' and t not in _KINDS: raise ValueError(t)
+    return [t]
+
+# %% ../nbs/30_pipeline.ipynb #250a253d
 def type_members(annotation:str) -> list[str]|None:
     "The types an annotation allows (`'Optional[float]'` → `['float', 'None']`); None when it is absent or not understood."
-    def name(n): return n.attr if isinstance(n, ast.Attribute) else getattr(n, 'id', None)
-    def walk(n) -> list:
-        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr): return walk(n.left) + walk(n.right)
-        if isinstance(n, ast.Constant): return ['None'] if n.value is None else walk(ast.parse(n.value, mode='eval').body)
-        if isinstance(n, ast.Subscript):
-            args = n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice]
-            if name(n.value) == 'Optional': return walk(args[0]) + ['None']
-            if name(n.value) == 'Union': return [t for a in args for t in walk(a)]
-            n = n.value                                           # list[int], Dict[str, float]: the container
-        t = {'NoneType': 'None', 'List': 'list', 'Dict': 'dict'}.get(name(n), name(n))
-        if t != 'None' and t not in _KINDS: raise ValueError(t)
-        return [t]
     if annotation.strip() in ('', 'None'): return None            # papermill's name for "no annotation"
-    try: return walk(ast.parse(annotation, mode='eval').body)
+    try: return _members(ast.parse(annotation, mode='eval').body)
     except (SyntaxError, ValueError, TypeError): return None
 
+# %% ../nbs/30_pipeline.ipynb #3285abaf
 def _convert(v, kind:str):
     "`v` as `kind` where nothing is lost, else ValueError."
     if isinstance(v, bool) and kind != 'bool': raise ValueError(kind)
@@ -126,6 +149,7 @@ def _convert(v, kind:str):
     elif isinstance(v, _KINDS[kind]): return v
     raise ValueError(kind)
 
+# %% ../nbs/30_pipeline.ipynb #cad54f96
 def coerce(v, annotation:str, none_ok:bool=False):
     "`v` checked against a parameter's annotation and converted where nothing is lost (`'2e-5'` → 2e-05 for `float`)."
     kinds = type_members(annotation)
@@ -141,7 +165,7 @@ def coerce(v, annotation:str, none_ok:bool=False):
         except (ValueError, TypeError): pass
     raise ValueError(f'expected {annotation}, got {v!r}')
 
-# %% ../nbs/30_pipeline.ipynb #39727758
+# %% ../nbs/30_pipeline.ipynb #4149dcaf
 def _ann(a) -> str:
     "An annotation as text (`from __future__ import annotations` keeps it so; a class gives its name)."
     return a if isinstance(a, str) else getattr(a, '__name__', 'None')
@@ -158,39 +182,43 @@ def dict_fields(param:str) -> dict|None:
         return {f.name: _ann(f.type) for f in dataclasses.fields(Selector)}
     return None
 
-def check_param(v, name:str, annotation:str, default:str, where:str, problems:list):
+# %% ../nbs/30_pipeline.ipynb #305ff011
+def _check_keys(v:dict, fields:dict, where:str, problems:list) -> dict:
+    "A copy of dict value `v` with its keys checked against `fields` (name → annotation) and its values typed."
+    v = dict(v)
+    for k in v:
+        if k not in fields: problems.append(f'{where}: unknown key {k!r} (known: {", ".join(fields)})'); continue
+        try: v[k] = coerce(v[k], fields[k])
+        except ValueError as e: problems.append(f'{where}.{k}: {e}')
+    return v
+
+# %% ../nbs/30_pipeline.ipynb #b0986e89
+def check_param(v,                # the value from the parameter file
+                name:str,         # the parameter it sets
+                annotation:str,   # the parameter's annotation (`notebook_types`)
+                default:str,      # its default as source text: `'None'` allows None
+                where:str,        # how problems name the key (`'11_train_vit.augment'`)
+                problems:list):   # problems found are appended here
     "`v` typed for parameter `name` (None allowed when the default is None) with its dict keys checked; problems named by `where`."
     try: v = coerce(v, annotation, none_ok=default == 'None')
     except ValueError as e: problems.append(f'{where}: {e}'); return v
     fields = dict_fields(name) if isinstance(v, dict) and v else None
     if fields is None: return v
-    v, n = dict(v), len(problems)
-    for k in v:
-        if k not in fields: problems.append(f'{where}: unknown key {k!r} (known: {", ".join(fields)})'); continue
-        try: v[k] = coerce(v[k], fields[k])
-        except ValueError as e: problems.append(f'{where}.{k}: {e}')
+    n = len(problems)
+    v = _check_keys(v, fields, where, problems)
     if name == 'selector' and len(problems) == n:
         from mhist_nb.trainer import Selector
         try: Selector(**v)
         except (TypeError, ValueError) as e: problems.append(f'{where}: {e}')
     return v
 
-# %% ../nbs/30_pipeline.ipynb #2d8cbd58
-PATH_KEYS = ('data_dir', 'out_dir', 'pretrained')
-NB_RESERVED = ('timeout',)              # keys of a notebook block that are for the driver, not parameters of the notebook
-SYNTH_KEYS = dict(scale='float', seed='int', jobs='int')
-WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.ckpt', '.npz')
+# %% ../nbs/30_pipeline.ipynb #5ba60f95
+def _read_source(source) -> tuple:
+    "The mapping of a parameter file (a path, read as YAML, or a dict, copied) and the name its problems go under."
+    if isinstance(source, dict): return copy.deepcopy(source), '<params>'
+    return yaml.safe_load(Path(source).read_text()), str(source)
 
-def _expand(v, where:str, problems:list):
-    "Expand `${VAR}` in every string of `v`; an unset variable is a problem naming the key."
-    if isinstance(v, dict): return {k: _expand(x, f'{where}{k}.' if isinstance(x, dict) else f'{where}{k}', problems) for k, x in v.items()}
-    if isinstance(v, list): return [_expand(x, where, problems) for x in v]
-    if isinstance(v, str) and '$' in v:
-        out = os.path.expandvars(v)
-        if '$' in out: problems.append(f'{where}: environment variable in {v!r} is not set')
-        return out
-    return v
-
+# %% ../nbs/30_pipeline.ipynb #af1492f7
 def _set_dotted(cfg:dict, key:str, v) -> bool:
     "Set `a.b.c` in nested dicts, creating missing (or empty) levels; False where a level is not a mapping."
     *path, last = key.split('.')
@@ -201,6 +229,48 @@ def _set_dotted(cfg:dict, key:str, v) -> bool:
     cfg[last] = v
     return True
 
+# %% ../nbs/30_pipeline.ipynb #d2051e49
+def _apply_overrides(cfg:dict, overrides:dict|None, problems:list):
+    "Set each dotted override (`{'11_train_vit.lr_full': 1e-4}`) in `cfg`."
+    for k, v in (overrides or {}).items():
+        if not _set_dotted(cfg, k, v): problems.append(f'override {k!r}: {k.rsplit(".", 1)[0]!r} is not a mapping')
+
+# %% ../nbs/30_pipeline.ipynb #6a31dea3
+def _expand(v, where:str, problems:list):
+    "Expand `${VAR}` in every string of `v`; an unset variable is a problem naming the key."
+    if isinstance(v, dict): return {k: _expand(x, f'{where}{k}.' if isinstance(x, dict) else f'{where}{k}', problems) for k, x in v.items()}
+    if isinstance(v, list): return [_expand(x, where, problems) for x in v]
+    if isinstance(v, str) and '$' in v:
+        out = os.path.expandvars(v)
+        if '$' in out: problems.append(f'{where}: environment variable in {v!r} is not set')
+        return out
+    return v
+
+# %% ../nbs/30_pipeline.ipynb #f939db31
+def _run_list(cfg:dict, problems:list) -> list:
+    "The notebooks the file runs (default `DEFAULT_RUN`)."
+    run = cfg.get('run', list(DEFAULT_RUN))
+    if not isinstance(run, list) or not run: problems.append("'run' must be a non-empty list of notebooks"); run = []
+    return run
+
+def _declarations(run:list, problems:list) -> tuple:
+    "The declared parameters (name → default) and their annotations of each notebook of `run`, by key."
+    declared, types = {}, {}
+    for nb in run:
+        try: declared[notebook_key(nb)], types[notebook_key(nb)] = notebook_parameters(nb), notebook_types(nb)
+        except FileNotFoundError as e: problems.append(str(e))
+    return declared, types
+
+# %% ../nbs/30_pipeline.ipynb #30ce4d11
+def _check_top_keys(cfg:dict, declared:dict, problems:list):
+    "Every top-level key must be one of `TOP_KEYS` or a notebook of the run list."
+    for k in cfg:
+        if k not in TOP_KEYS and k not in declared:
+            problems.append(f'unknown key {k!r} (top-level keys: {list(TOP_KEYS)}; notebook blocks: {list(declared)})')
+
+# %% ../nbs/30_pipeline.ipynb #07b0ed82
+NB_RESERVED = ('timeout',)              # keys of a notebook block that are for the driver, not parameters of the notebook
+
 def _timeout(v, where:str, problems:list):
     "Seconds per cell: a positive integer, or None for no limit."
     try: v = coerce(v, 'int | None')
@@ -208,24 +278,9 @@ def _timeout(v, where:str, problems:list):
     if v is not None and v <= 0: problems.append(f'{where}: must be a positive number of seconds, got {v}')
     return v
 
-def load_params(source, overrides:dict|None=None) -> dict:
-    "Read a pipeline parameter file (path or dict), apply dotted `overrides`, check and type every key; return the config."
-    cfg = yaml.safe_load(Path(source).read_text()) if not isinstance(source, dict) else copy.deepcopy(source)
-    src = str(source) if not isinstance(source, dict) else '<params>'
-    if not isinstance(cfg, dict): raise ParamsError(src, ['the file must hold a mapping of keys to values'])
-    problems = []
-    for k, v in (overrides or {}).items():                     # e.g. {'11_train_vit.lr_full': 1e-4}
-        if not _set_dotted(cfg, k, v): problems.append(f'override {k!r}: {k.rsplit(".", 1)[0]!r} is not a mapping')
-    cfg = _expand(cfg, '', problems)
-    run = cfg.get('run', list(DEFAULT_RUN))
-    if not isinstance(run, list) or not run: problems.append("'run' must be a non-empty list of notebooks"); run = []
-    declared, types = {}, {}
-    for nb in run:
-        try: declared[notebook_key(nb)], types[notebook_key(nb)] = notebook_parameters(nb), notebook_types(nb)
-        except FileNotFoundError as e: problems.append(str(e))
-    for k in cfg:
-        if k not in TOP_KEYS and k not in declared:
-            problems.append(f'unknown key {k!r} (top-level keys: {list(TOP_KEYS)}; notebook blocks: {list(declared)})')
+# %% ../nbs/30_pipeline.ipynb #dacf901d
+def _check_blocks(cfg:dict, declared:dict, types:dict, problems:list):
+    "Check and type the parameters of each notebook's block in place."
     for nb, known in declared.items():
         block = cfg.get(nb) or {}
         if not isinstance(block, dict): problems.append(f'{nb}: must be a mapping of parameters'); continue
@@ -234,31 +289,62 @@ def load_params(source, overrides:dict|None=None) -> dict:
             elif k not in known: problems.append(f'{nb}: unknown parameter {k!r} (known: {", ".join(known)})')
             else: block[k] = check_param(v, k, types[nb][k], known[k], f'{nb}.{k}', problems)
         if nb in cfg: cfg[nb] = block
+
+# %% ../nbs/30_pipeline.ipynb #03b66855
+def _check_common(cfg:dict, declared:dict, types:dict, problems:list) -> dict:
+    "The `common` block, each key typed for every notebook that declares it."
     common = cfg.get('common') or {}
-    if not isinstance(common, dict): problems.append('common: must be a mapping of parameters'); common = {}
+    if not isinstance(common, dict): problems.append('common: must be a mapping of parameters'); return {}
     for k, v in common.items():
         users = [nb for nb, known in declared.items() if k in known]
         if not users: problems.append(f'common: parameter {k!r} is declared by none of {list(declared)}')
         for nb in reversed(users): common[k] = check_param(v, k, types[nb][k], declared[nb][k], f'common.{k}', problems)
-    if 'timeout' in cfg: cfg['timeout'] = _timeout(cfg['timeout'], 'timeout', problems)
+    return common
+
+# %% ../nbs/30_pipeline.ipynb #63b61348
+SYNTH_KEYS = dict(scale='float', seed='int', jobs='int')
+
+def _check_synth(cfg:dict, common:dict, problems:list):
+    "Type the `synth` block in place; it needs `common.data_dir`, where the tiles go."
     synth = cfg.get('synth')
-    if synth is not None:
-        if not isinstance(synth, dict) or set(synth) - set(SYNTH_KEYS):
-            problems.append("synth: expected a mapping with keys among 'scale', 'seed', 'jobs'")
-        else:
-            for k, v in synth.items():
-                try: synth[k] = coerce(v, SYNTH_KEYS[k])
-                except ValueError as e: problems.append(f'synth.{k}: {e}')
-        if 'data_dir' not in common: problems.append('synth: needs common.data_dir (where to write the tiles)')
+    if synth is None: return
+    if not isinstance(synth, dict) or set(synth) - set(SYNTH_KEYS):
+        problems.append("synth: expected a mapping with keys among 'scale', 'seed', 'jobs'")
+    else:
+        for k, v in synth.items():
+            try: synth[k] = coerce(v, SYNTH_KEYS[k])
+            except ValueError as e: problems.append(f'synth.{k}: {e}')
+    if 'data_dir' not in common: problems.append('synth: needs common.data_dir (where to write the tiles)')
+
+# %% ../nbs/30_pipeline.ipynb #92be51c1
+def load_params(source, overrides:dict|None=None) -> dict:
+    "Read a pipeline parameter file (path or dict), apply dotted `overrides`, check and type every key; return the config."
+    cfg, src = _read_source(source)
+    if not isinstance(cfg, dict): raise ParamsError(src, ['the file must hold a mapping of keys to values'])
+    problems = []
+    _apply_overrides(cfg, overrides, problems)
+    cfg = _expand(cfg, '', problems)
+    run = _run_list(cfg, problems)
+    declared, types = _declarations(run, problems)
+    _check_top_keys(cfg, declared, problems)
+    _check_blocks(cfg, declared, types, problems)
+    common = _check_common(cfg, declared, types, problems)
+    if 'timeout' in cfg: cfg['timeout'] = _timeout(cfg['timeout'], 'timeout', problems)
+    _check_synth(cfg, common, problems)
     if problems: raise ParamsError(src, list(dict.fromkeys(problems)))
     return dict(cfg, run=run, common=common, name=str(cfg.get('name') or (Path(src).stem if src != '<params>' else 'run')),
                 _declared=declared, _types=types, _source=src)
+
+# %% ../nbs/30_pipeline.ipynb #4980a215
+PATH_KEYS = ('data_dir', 'out_dir', 'pretrained')
+WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.ckpt', '.npz')
 
 def is_weights_path(v) -> bool:
     "Does a `pretrained` value name a local file (a weights suffix or a folder in it), rather than False/True or a hub name?"
     return (isinstance(v, str) and not v.startswith(('hf-hub:', 'hf_hub:', 'timm/'))
             and (Path(v).suffix.lower() in WEIGHT_SUFFIXES or '/' in v or os.sep in v or v.startswith('~')))
 
+# %% ../nbs/30_pipeline.ipynb #bed4fe1e
 def _resolve_paths(p:dict) -> dict:
     "Path parameters of `p` made absolute against the working directory (`pretrained` only when it names a file)."
     for k in PATH_KEYS:
@@ -266,6 +352,7 @@ def _resolve_paths(p:dict) -> dict:
         if isinstance(v, str) and (k != 'pretrained' or is_weights_path(v)): p[k] = str(Path(v).expanduser().resolve())
     return p
 
+# %% ../nbs/30_pipeline.ipynb #6fc0b7a1
 def notebook_params(cfg:dict, nb:str) -> dict:
     "Parameters for notebook `nb`: the `common` keys it declares, then its own block; paths made absolute."
     key, known = notebook_key(nb), cfg['_declared'][notebook_key(nb)]
@@ -273,24 +360,48 @@ def notebook_params(cfg:dict, nb:str) -> dict:
     p.update({k: v for k, v in (cfg.get(key) or {}).items() if k not in NB_RESERVED})
     return _resolve_paths(p)
 
+# %% ../nbs/30_pipeline.ipynb #dac685db
 def notebook_timeout(cfg:dict, nb:str) -> int|None:
     "Seconds each cell of notebook `nb` may run: its block's `timeout`, else the file's, else 3600 (None: no limit)."
     block = cfg.get(notebook_key(nb)) or {}
     return block['timeout'] if 'timeout' in block else cfg.get('timeout', 3600)
 
-# %% ../nbs/30_pipeline.ipynb #33a8479c
+# %% ../nbs/30_pipeline.ipynb #621b6f77
 class NotebookError(RuntimeError):
     "A notebook failed; the message names the cell and the partial notebook."
 
+# %% ../nbs/30_pipeline.ipynb #dce74379
+REPORT_HIDE = 'report-hide'
+
+def _failed(c) -> bool:
+    "Did cell `c` end in an error (or did papermill mark it failed)?"
+    return (any(o.get('output_type') == 'error' for o in c.get('outputs', []))
+            or c.get('metadata', {}).get('papermill', {}).get('status') == 'failed')
+
+# %% ../nbs/30_pipeline.ipynb #a172d703
 def to_html(nb_path) -> Path:
-    "Render an executed notebook to HTML beside it."
+    "Render an executed notebook to its HTML report beside it, without the cells tagged `report-hide` (unless they failed)."
     import nbformat
     from nbconvert import HTMLExporter
-    nb_path = Path(nb_path)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
+    from traitlets.config import Config
+    nb_path, nb = Path(nb_path), nbformat.read(nb_path, as_version=4)
+    for c in nb.cells:                                            # a failed cell stays visible, whatever its tags
+        if _failed(c) and REPORT_HIDE in c.metadata.get('tags', []): c.metadata.tags.remove(REPORT_HIDE)
+    hide = Config(TagRemovePreprocessor=dict(enabled=True, remove_cell_tags={REPORT_HIDE}))
+    body, _ = HTMLExporter(config=hide).from_notebook_node(nb)
     out = nb_path.with_suffix('.html'); out.write_text(body, encoding='utf-8')
     return out
 
+# %% ../nbs/30_pipeline.ipynb #acbb8e80
+TQDM_WARNING_FILTER = 'ignore:IProgress not found'     # the -W form of the one warning dropped from reports
+
+def kernel_env(extra:dict|None=None) -> dict:
+    "Environment changes (for `_env`) under which a report's kernel runs: no progress bars or tqdm widget warning, then `extra`."
+    warnings = ','.join(w for w in (os.environ.get('PYTHONWARNINGS'), TQDM_WARNING_FILTER) if w)
+    return dict(MPLBACKEND=None, TQDM_DISABLE='1', PYTHONWARNINGS=warnings,
+                MLFLOW_LOGGING_LEVEL=os.environ.get('MLFLOW_LOGGING_LEVEL', 'WARNING'), **(extra or {}))
+
+# %% ../nbs/30_pipeline.ipynb #a8f0677d
 def _mark_failed(out_nb:Path, ename:str, evalue:str) -> tuple:
     "Mark the cell that was running in a partial notebook (the last one papermill started) failed; return its index and source."
     import nbformat
@@ -304,39 +415,69 @@ def _mark_failed(out_nb:Path, ename:str, evalue:str) -> tuple:
     nbformat.write(nb, out_nb)
     return started[-1], c.source
 
-def run_notebook(nb, out_nb, params:dict, timeout:int|None=3600, quiet:bool=False, env:dict|None=None) -> Path:
-    "Execute notebook `nb` into `out_nb` with `params` (papermill, kernel python3, `timeout` s per cell); render HTML beside it."
+# %% ../nbs/30_pipeline.ipynb #4306e249
+def _first_line(src:str) -> str:
+    "The first non-blank line of a cell's source, at most 80 characters."
+    return next((l for l in src.splitlines() if l.strip()), '')[:80]
+
+def _what_happened(e, timeout) -> str:
+    "What a cell timeout or a dead kernel means, for the message."
+    from nbclient.exceptions import CellTimeoutError
+    return (f"no result within {timeout} s (the timeout is per cell: raise the notebook block's `timeout`)"
+            if isinstance(e, CellTimeoutError) else 'the kernel died (out of memory, a crash in native code, or an exit)')
+
+# %% ../nbs/30_pipeline.ipynb #ac7dc6ab
+def _notebook_error(e, key:str, out_nb:Path, timeout) -> NotebookError:
+    "The NotebookError for papermill's failure `e` of notebook `key`; a timed-out or dead cell is marked in the partial notebook."
     import papermill as pm
+    partial = f'\n  partial notebook: {out_nb}'
+    if isinstance(e, pm.PapermillExecutionError):
+        return NotebookError(f'{key} failed at cell {e.cell_index} of {out_nb.name} (execution count '
+                             f'{e.exec_count}: {_first_line(e.source)!r}): {e.ename}: {e.evalue}' + partial)
+    what = _what_happened(e, timeout)
+    i, src = _mark_failed(out_nb, type(e).__name__, what) if out_nb.is_file() else (None, '')
+    return NotebookError(f'{key} failed at cell {i} of {out_nb.name} ({_first_line(src)!r}): {type(e).__name__}: {what}' + partial)
+
+# %% ../nbs/30_pipeline.ipynb #9038c60c
+def run_notebook(nb,                      # a notebook name (`10_train_mlp`) or a path
+                 out_nb,                  # where the executed notebook goes; its HTML report goes beside it
+                 params:dict,             # the parameters papermill injects
+                 timeout:int|None=3600,   # seconds each cell may run (None: no limit)
+                 quiet:bool=False,        # no progress bar
+                 env:dict|None=None       # environment variables for the kernel (a None value unsets one)
+                ) -> Path:
+    "Execute notebook `nb` into `out_nb` with `params` (papermill, kernel python3, `timeout` s per cell); render HTML beside it."
+    import papermill as pm, tqdm                                 # tqdm first: see above
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     out_nb = Path(out_nb); out_nb.parent.mkdir(parents=True, exist_ok=True)
-    key, partial = notebook_key(nb), f'\n  partial notebook: {out_nb}'
-    first = lambda src: next((l for l in src.splitlines() if l.strip()), '')[:80]
     try:
-        with _env(MPLBACKEND=None, **(env or {})):   # the kernel's inline figures, whatever the caller set (Streamlit sets Agg)
+        with _env(**kernel_env(env)):
             pm.execute_notebook(str(project_notebook(nb)), str(out_nb), parameters=params, kernel_name='python3',
                                 progress_bar=not quiet, cwd=str(out_nb.parent), execution_timeout=timeout)
-    except pm.PapermillExecutionError as e:
-        raise NotebookError(f'{key} failed at cell {e.cell_index} of {out_nb.name} (execution count '
-                            f'{e.exec_count}: {first(e.source)!r}): {e.ename}: {e.evalue}' + partial) from None
-    except (CellTimeoutError, DeadKernelError) as e:
-        what = (f"no result within {timeout} s (the timeout is per cell: raise the notebook block's `timeout`)"
-                if isinstance(e, CellTimeoutError) else 'the kernel died (out of memory, a crash in native code, or an exit)')
-        i, src = _mark_failed(out_nb, type(e).__name__, what) if out_nb.is_file() else (None, '')
-        raise NotebookError(f'{key} failed at cell {i} of {out_nb.name} ({first(src)!r}): {type(e).__name__}: {what}' + partial) from None
+    except (pm.PapermillExecutionError, CellTimeoutError, DeadKernelError) as e:
+        raise _notebook_error(e, notebook_key(nb), out_nb, timeout) from None
     finally:
         if out_nb.is_file(): to_html(out_nb)
     return out_nb
 
-# %% ../nbs/30_pipeline.ipynb #352f3a47
+# %% ../nbs/30_pipeline.ipynb #e9867cb9
 def _client():
     from mlflow import MlflowClient
     from mhist_nb.tracking import tracking_uri
     uri = tracking_uri()
     return MlflowClient(uri), uri
 
-def start_run(client, uri, experiment:str, run_name:str, params:dict, tags:dict|None=None, parent:str|None=None) -> str:
+# %% ../nbs/30_pipeline.ipynb #a47e2d68
+def start_run(client,                 # an `MlflowClient`
+              uri:str,                # its tracking URI
+              experiment:str,         # experiment name, created if new
+              run_name:str,           # e.g. `demo/10_train_mlp`
+              params:dict,            # the notebook's parameters, logged as `nb.*` (nested dicts flattened)
+              tags:dict|None=None,    # extra run tags
+              parent:str|None=None    # parent run id (a sweep's trials)
+             ) -> str:
     "Create an MLflow run for a notebook execution; return its id."
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
     from mhist_nb.tracking import get_experiment_id, flatten, git_commit
     exp = get_experiment_id(client, experiment, uri)
     t = {'mhist.git_commit': git_commit(), **(tags or {})}
@@ -345,24 +486,30 @@ def start_run(client, uri, experiment:str, run_name:str, params:dict, tags:dict|
     client.log_batch(run.info.run_id, params=[Param(f'nb.{k}', v) for k, v in flatten(params).items()])
     return run.info.run_id
 
+# %% ../nbs/30_pipeline.ipynb #599b4021
 def finish_run(client, run_id:str, out_nb:Path, ok:bool):
     "Attach the executed notebook (and HTML) to the run and close it."
     for f in (out_nb, out_nb.with_suffix('.html')):
         if f.is_file(): client.log_artifact(run_id, str(f), 'notebook')
     client.set_terminated(run_id, 'FINISHED' if ok else 'FAILED')
 
-# %% ../nbs/30_pipeline.ipynb #cc767b7f
+# %% ../nbs/30_pipeline.ipynb #df8f3c71
+def _data_dir_problem(d) -> str|None:
+    "What is wrong with `d` as an MHIST folder (annotations.csv and images/), or None."
+    d = Path(d)
+    if not d.is_dir(): return f'{d} is not a directory (expected an MHIST folder: annotations.csv and images/)'
+    missing = [n for n, ok in (('annotations.csv', (d/'annotations.csv').is_file()), ('images/', (d/'images').is_dir())) if not ok]
+    return f'{d} is not an MHIST folder: no {" and no ".join(missing)}' if missing else None
+
+# %% ../nbs/30_pipeline.ipynb #78ff7a7e
 def path_problems(params:dict, where) -> list[str]:
     "Problems with the `data_dir` folder and the `pretrained` file of one notebook's `params`; `where(key)` names a key."
     out, d, w = [], params.get('data_dir'), params.get('pretrained')
-    if isinstance(d, str):
-        d = Path(d)
-        missing = [n for n, ok in (('annotations.csv', (d/'annotations.csv').is_file()), ('images/', (d/'images').is_dir())) if not ok]
-        if not d.is_dir(): out.append(f'{where("data_dir")}: {d} is not a directory (expected an MHIST folder: annotations.csv and images/)')
-        elif missing: out.append(f'{where("data_dir")}: {d} is not an MHIST folder: no {" and no ".join(missing)}')
+    if isinstance(d, str) and (p := _data_dir_problem(d)): out.append(f'{where("data_dir")}: {p}')
     if is_weights_path(w) and not Path(w).expanduser().is_file(): out.append(f'{where("pretrained")}: weights file {w} not found')
     return out
 
+# %% ../nbs/30_pipeline.ipynb #b4e6e699
 def check_paths(cfg:dict):
     "Raise a ParamsError if a notebook of `cfg` would read a missing MHIST folder or weights file."
     problems = []
@@ -371,7 +518,7 @@ def check_paths(cfg:dict):
         problems += path_problems(notebook_params(cfg, nb), lambda k: f'{key}.{k}' if k in (cfg.get(key) or {}) else f'common.{k}')
     if problems: raise ParamsError(cfg.get('_source', '<params>'), list(dict.fromkeys(problems)))
 
-# %% ../nbs/30_pipeline.ipynb #d2dfdd14
+# %% ../nbs/30_pipeline.ipynb #20020bc5
 def ensure_data(cfg:dict, quiet:bool=False):
     "Write synthetic tiles into `common.data_dir` when the file asks for them and they are absent."
     if cfg.get('synth') is None: return
@@ -380,8 +527,39 @@ def ensure_data(cfg:dict, quiet:bool=False):
     synth(Path(cfg['common']['data_dir']).expanduser().resolve(), scale=s.get('scale', 0.1), seed=s.get('seed', 0),
           n_jobs=s.get('jobs', os.cpu_count() or 1), progress=not quiet)
 
-def run_pipeline(params_file, name:str|None=None, reports:str|Path='reports', overrides:dict|None=None,
-                 quiet:bool=False) -> Path:
+# %% ../nbs/30_pipeline.ipynb #3fccab85
+def _notebook_run(client, uri, cfg:dict, key:str, params:dict, name:str) -> str|None:
+    "Start the MLflow run of notebook `key` when it trains and tracking is on; its id, else None."
+    if client is None or 'experiment' not in cfg['_declared'][key] or not params.get('tracking', True): return None
+    exp = params.get('experiment') or cfg['_declared'][key]['experiment'].strip('\'"')
+    return start_run(client, uri, exp, f'{name}/{key}', params, tags={'mhist.pipeline': name, 'mhist.notebook': key})
+
+def _run_env(uri, run_id) -> dict|None:
+    "The kernel's variables that make it log into MLflow run `run_id` (None: no run)."
+    return dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=run_id) if run_id else None
+
+# %% ../nbs/30_pipeline.ipynb #dd495f45
+def _run_one(cfg:dict, nb, out:Path, name:str, client, uri, quiet:bool):
+    "Run notebook `nb` of the pipeline into folder `out`, in its MLflow run if it has one; NotebookError if it fails."
+    key, params = notebook_key(nb), notebook_params(cfg, nb)
+    if 'out_dir' in cfg['_declared'][key]: params.setdefault('out_dir', str(out))
+    out_nb, run_id = out/f'{key}.ipynb', _notebook_run(client, uri, cfg, key, params, name)
+    if not quiet: print(f'[{name}] {key}' + (f' (MLflow run {run_id})' if run_id else ''), flush=True)
+    t0, ok = time.perf_counter(), False
+    try:
+        run_notebook(nb, out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=quiet, env=_run_env(uri, run_id))
+        ok = True
+    finally:
+        if run_id: finish_run(client, run_id, out_nb, ok)
+        if not quiet: print(f'[{name}] {key} {"done" if ok else "FAILED"} in {time.perf_counter() - t0:.0f} s', flush=True)
+
+# %% ../nbs/30_pipeline.ipynb #6efde0d9
+def run_pipeline(params_file,                 # a parameter file (path) or its dict
+                 name:str|None=None,          # report folder and run-name prefix (default: the file's `name`)
+                 reports:str|Path='reports',  # reports root
+                 overrides:dict|None=None,    # dotted keys (`{'11_train_vit.lr_full': 1e-4}`), checked like the file's
+                 quiet:bool=False             # no progress output
+                ) -> Path:
     "Run every notebook of a parameter file in order into `reports/<name>/`; return that folder."
     from mhist_nb.tracking import tracking_enabled
     cfg = load_params(params_file, overrides)
@@ -390,31 +568,17 @@ def run_pipeline(params_file, name:str|None=None, reports:str|Path='reports', ov
     check_paths(cfg)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
     client, uri = _client() if tracking_enabled() else (None, None)
-    for nb in cfg['run']:
-        key, params = notebook_key(nb), notebook_params(cfg, nb)
-        if 'out_dir' in cfg['_declared'][key]: params.setdefault('out_dir', str(out))
-        out_nb, run_id = out/f'{key}.ipynb', None
-        if client is not None and 'experiment' in cfg['_declared'][key] and params.get('tracking', True):
-            exp = params.get('experiment') or cfg['_declared'][key]['experiment'].strip('\'"')
-            run_id = start_run(client, uri, exp, f'{name}/{key}', params, tags={'mhist.pipeline': name, 'mhist.notebook': key})
-        if not quiet: print(f'[{name}] {key}' + (f' (MLflow run {run_id})' if run_id else ''), flush=True)
-        t0, ok = time.perf_counter(), False
-        try:
-            run_notebook(nb, out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=quiet,
-                         env=dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=run_id) if run_id else None)
-            ok = True
-        finally:
-            if run_id: finish_run(client, run_id, out_nb, ok)
-            if not quiet: print(f'[{name}] {key} {"done" if ok else "FAILED"} in {time.perf_counter() - t0:.0f} s', flush=True)
+    for nb in cfg['run']: _run_one(cfg, nb, out, name, client, uri, quiet)
     return out
 
-# %% ../nbs/30_pipeline.ipynb #6089e7c6
+# %% ../nbs/30_pipeline.ipynb #0ca3aa1b
 def logged_metrics() -> list[str]:
     "Metrics a training notebook logs (`MLflowCallback`): each epoch's `lr`, `seconds`, `train_*`, `val_*`; `best_*`; `train_seconds`."
     from mhist_nb.metrics import METRICS
     epoch = ['lr', 'seconds'] + [f'{s}_{m}' for s in ('train', 'val') for m in ('loss', *METRICS) if m != 'threshold']
     return epoch + [f'best_{k}' for k in ('epoch', *epoch)] + ['train_seconds']
 
+# %% ../nbs/30_pipeline.ipynb #06553535
 def trial_metric(out_dir, monitor:str) -> float:
     "`monitor` of a finished trial from the files `save_experiment` wrote into `out_dir` (`best_*`: the selected epoch's; NaN if absent)."
     runs = sorted(Path(out_dir).glob('run_*.json')) if out_dir and Path(out_dir).is_dir() else []
@@ -428,50 +592,7 @@ def trial_metric(out_dir, monitor:str) -> float:
     if monitor.startswith('best_'): h = h[h.epoch == info.get('best_epoch')]
     return float(h[key].iloc[-1]) if key in h and len(h) else float('nan')
 
-# %% ../nbs/30_pipeline.ipynb #1921218b
-SWEEP_KEYS = ('name', 'base', 'notebook', 'method', 'grid', 'n_trials', 'seed', 'rule', 'top')
-
-def load_sweep(path, overrides:dict|None=None) -> dict:
-    "Read and check a sweep file (the base parameter file, with dotted `overrides`, the grid's keys and values, the rule)."
-    spec = yaml.safe_load(Path(path).read_text())
-    if not isinstance(spec, dict): raise ParamsError(path, ['the file must hold a mapping of keys to values'])
-    problems = [f'unknown key {k!r} (known: {list(SWEEP_KEYS)})' for k in spec if k not in SWEEP_KEYS]
-    for k in ('base', 'notebook', 'grid'):
-        if k not in spec: problems.append(f'missing key {k!r}')
-    if problems: raise ParamsError(path, problems)
-    base = Path(spec['base'])
-    if not base.is_absolute() and not base.exists(): base = Path(path).parent.parent/spec['base']
-    cfg = load_params(base, overrides)
-    nb, grid = notebook_key(spec['notebook']), spec['grid']
-    if not isinstance(grid, dict) or not grid: problems.append('grid: must be a mapping of parameters to lists of values'); grid = {}
-    if nb not in cfg['_declared']: problems.append(f"notebook {nb!r} is not in the base file's run list {cfg['run']}")
-    else:
-        known, types = cfg['_declared'][nb], cfg['_types'][nb]
-        for k, v in grid.items():
-            if k not in known: problems.append(f'grid: unknown parameter {k!r} of {nb}')
-            elif not isinstance(v, list) or not v: problems.append(f'grid: {k!r} must be a non-empty list of values')
-            else: grid[k] = [check_param(x, k, types[k], known[k], f'grid.{k}[{i}]', problems) for i, x in enumerate(v)]
-    method = spec.get('method', 'grid')
-    if method not in ('grid', 'random'): problems.append(f"method must be 'grid' or 'random', got {method!r}")
-    for k, t in (('n_trials', 'int | None'), ('top', 'int | None'), ('seed', 'int')):
-        try: spec[k] = coerce(spec.get(k), t) if k in spec else None
-        except ValueError as e: problems.append(f'{k}: {e}')
-        else:
-            if k != 'seed' and spec[k] is not None and spec[k] < 1: problems.append(f'{k}: must be at least 1, got {spec[k]}')
-    rule = spec.get('rule') or {}
-    if not isinstance(rule, dict): problems.append(f"rule: expected a mapping with keys 'monitor' and 'mode', got {rule!r}"); rule = {}
-    if set(rule) - {'monitor', 'mode'}: problems.append(f"rule: unknown key(s) {sorted(set(rule) - {'monitor', 'mode'})} (known: monitor, mode)")
-    if rule.get('mode', 'max') not in ('max', 'min'): problems.append("rule.mode must be 'max' or 'min'")
-    monitor, names = rule.get('monitor', 'best_val_auc'), logged_metrics()
-    if monitor not in names:
-        xs = ', '.join(n[4:] for n in names if n.startswith('val_'))
-        problems.append(f'rule.monitor: {monitor!r} is not a metric the training notebooks log (per epoch: lr, seconds, train_X, '
-                        f'val_X; best_ with any of those or epoch; train_seconds; X: {xs})')
-    if problems: raise ParamsError(path, problems)
-    return dict(spec, name=str(spec.get('name') or Path(path).stem), cfg=cfg, notebook=nb, grid=grid, method=method,
-                nb_path=next(n for n in cfg['run'] if notebook_key(n) == nb),     # as the run list names it: a key or a path
-                seed=spec['seed'] or 0, rule=dict(monitor=monitor, mode=rule.get('mode', 'max')))
-
+# %% ../nbs/30_pipeline.ipynb #68bebfba
 def sweep_configs(grid:dict, method:str='grid', n_trials:int|None=None, seed:int=0) -> list[dict]:
     "All combinations of `grid`, or `n_trials` of them drawn without replacement (seeded)."
     keys = list(grid)
@@ -481,78 +602,199 @@ def sweep_configs(grid:dict, method:str='grid', n_trials:int|None=None, seed:int
         combos = [combos[i] for i in sorted(idx)]
     return combos
 
-# %% ../nbs/30_pipeline.ipynb #9105f3ac
-def run_sweep(sweep_file, name:str|None=None, reports:str|Path='reports', quiet:bool=False, overrides:dict|None=None,
-              top:int|None=None) -> pd.DataFrame:
-    "Run every configuration of a sweep (child MLflow runs of one parent, unless tracking is off); return the best `top`, ranked."
-    from mhist_nb.tracking import flatten, tracking_enabled
-    spec = load_sweep(sweep_file, overrides)
-    cfg, nb, rule = spec['cfg'], spec['notebook'], spec['rule']
-    mon, name = rule['monitor'], name or spec['name']
-    ensure_data(cfg, quiet)
+# %% ../nbs/30_pipeline.ipynb #a8728a07
+SWEEP_KEYS = ('name', 'base', 'notebook', 'method', 'grid', 'n_trials', 'seed', 'rule', 'top')
+
+def _check_sweep_keys(spec, path):
+    "Raise a ParamsError unless `spec` is a mapping of known sweep keys holding `base`, `notebook` and `grid`."
+    if not isinstance(spec, dict): raise ParamsError(path, ['the file must hold a mapping of keys to values'])
+    problems = [f'unknown key {k!r} (known: {list(SWEEP_KEYS)})' for k in spec if k not in SWEEP_KEYS]
+    problems += [f'missing key {k!r}' for k in ('base', 'notebook', 'grid') if k not in spec]
+    if problems: raise ParamsError(path, problems)
+
+def _base_file(spec:dict, path) -> Path:
+    "The base parameter file: as given, else relative to the folder above the sweep file's (params/)."
+    base = Path(spec['base'])
+    return base if base.is_absolute() or base.exists() else Path(path).parent.parent/spec['base']
+
+# %% ../nbs/30_pipeline.ipynb #83d04131
+def _check_grid(grid, nb:str, cfg:dict, problems:list) -> dict:
+    "The grid of notebook `nb`, each value checked and typed against the base file's declarations."
+    if not isinstance(grid, dict) or not grid: problems.append('grid: must be a mapping of parameters to lists of values'); grid = {}
+    if nb not in cfg['_declared']: problems.append(f"notebook {nb!r} is not in the base file's run list {cfg['run']}"); return grid
+    known, types = cfg['_declared'][nb], cfg['_types'][nb]
+    for k, v in grid.items():
+        if k not in known: problems.append(f'grid: unknown parameter {k!r} of {nb}')
+        elif not isinstance(v, list) or not v: problems.append(f'grid: {k!r} must be a non-empty list of values')
+        else: grid[k] = [check_param(x, k, types[k], known[k], f'grid.{k}[{i}]', problems) for i, x in enumerate(v)]
+    return grid
+
+# %% ../nbs/30_pipeline.ipynb #8abadca7
+def _check_counts(spec:dict, problems:list):
+    "Type `n_trials`, `top` (at least 1, or absent) and `seed` in place; absent ones become None."
+    for k, t in (('n_trials', 'int | None'), ('top', 'int | None'), ('seed', 'int')):
+        try: spec[k] = coerce(spec.get(k), t) if k in spec else None
+        except ValueError as e: problems.append(f'{k}: {e}')
+        else:
+            if k != 'seed' and spec[k] is not None and spec[k] < 1: problems.append(f'{k}: must be at least 1, got {spec[k]}')
+
+# %% ../nbs/30_pipeline.ipynb #40bd374c
+def _check_rule(rule, problems:list) -> dict:
+    "The ranking rule, `monitor` (default best_val_auc) and `mode` (default max), checked."
+    rule = rule or {}
+    if not isinstance(rule, dict): problems.append(f"rule: expected a mapping with keys 'monitor' and 'mode', got {rule!r}"); rule = {}
+    if set(rule) - {'monitor', 'mode'}: problems.append(f"rule: unknown key(s) {sorted(set(rule) - {'monitor', 'mode'})} (known: monitor, mode)")
+    if rule.get('mode', 'max') not in ('max', 'min'): problems.append("rule.mode must be 'max' or 'min'")
+    monitor, names = rule.get('monitor', 'best_val_auc'), logged_metrics()
+    if monitor not in names:
+        xs = ', '.join(n[4:] for n in names if n.startswith('val_'))
+        problems.append(f'rule.monitor: {monitor!r} is not a metric the training notebooks log (per epoch: lr, seconds, train_X, '
+                        f'val_X; best_ with any of those or epoch; train_seconds; X: {xs})')
+    return dict(monitor=monitor, mode=rule.get('mode', 'max'))
+
+# %% ../nbs/30_pipeline.ipynb #bfb1d0d5
+def load_sweep(path, overrides:dict|None=None) -> dict:
+    "Read and check a sweep file (the base parameter file, with dotted `overrides`, the grid's keys and values, the rule)."
+    spec = yaml.safe_load(Path(path).read_text())
+    _check_sweep_keys(spec, path)
+    cfg, problems = load_params(_base_file(spec, path), overrides), []
+    nb = notebook_key(spec['notebook'])
+    grid = _check_grid(spec['grid'], nb, cfg, problems)
+    method = spec.get('method', 'grid')
+    if method not in ('grid', 'random'): problems.append(f"method must be 'grid' or 'random', got {method!r}")
+    _check_counts(spec, problems)
+    rule = _check_rule(spec.get('rule'), problems)
+    if problems: raise ParamsError(path, problems)
+    return dict(spec, name=str(spec.get('name') or Path(path).stem), cfg=cfg, notebook=nb, grid=grid, method=method,
+                nb_path=next(n for n in cfg['run'] if notebook_key(n) == nb),     # as the run list names it: a key or a path
+                seed=spec['seed'] or 0, rule=rule)
+
+# %% ../nbs/30_pipeline.ipynb #854ab049
+def _sweep_trials(spec:dict, sweep_file) -> tuple:
+    "The configurations of a sweep and each trial's parameters (the notebook's, then the configuration), paths checked."
+    cfg, nb = spec['cfg'], spec['notebook']
     base = notebook_params(cfg, nb)
     configs = sweep_configs(spec['grid'], spec['method'], spec.get('n_trials'), spec['seed'])
     trials = [_resolve_paths({**base, **c}) for c in configs]
     origin = lambda k: f'{nb}.{k}' if k in (cfg.get(nb) or {}) else f'common.{k}'
     problems = [p for c, t in zip(configs, trials) for p in path_problems(t, lambda k: f'grid.{k}' if k in c else origin(k))]
     if problems: raise ParamsError(sweep_file, list(dict.fromkeys(problems)))
+    return configs, trials
+
+# %% ../nbs/30_pipeline.ipynb #f6272cd1
+def _sweep_experiment(spec:dict) -> str:
+    "The MLflow experiment of a sweep: its notebook's `experiment` (as the file sets it, else its default, else mhist-sweep)."
+    cfg, nb = spec['cfg'], spec['notebook']
+    return notebook_params(cfg, nb).get('experiment') or cfg['_declared'][nb].get('experiment', "'mhist-sweep'").strip('\'"')
+
+# %% ../nbs/30_pipeline.ipynb #9615ece2
+def _sweep_parent(client, uri, spec:dict, name:str, n_trials:int) -> str|None:
+    "Create the parent MLflow run of a sweep, holding its grid, method and rule; None when tracking is off."
+    if client is None: return None
+    return start_run(client, uri, _sweep_experiment(spec), f'{name} (sweep)', dict(grid=spec['grid'], method=spec['method'],
+                     rule=spec['rule'], n_trials=n_trials), tags={'mhist.pipeline': name, 'mhist.sweep': 'parent'})
+
+# %% ../nbs/30_pipeline.ipynb #a3fa3def
+def _trial_value(ok:bool, client, run_id, out_dir, monitor:str) -> float:
+    "The monitored metric of a trial: NaN if it failed, else from its MLflow run, else from the files in `out_dir`."
+    if not ok: return float('nan')
+    if run_id: return client.get_run(run_id).data.metrics.get(monitor, float('nan'))
+    return trial_metric(out_dir, monitor)
+
+# %% ../nbs/30_pipeline.ipynb #c59d73e8
+def _run_trial(i:int,                 # the trial's number
+               c:dict,                # its configuration (grid values)
+               params:dict,           # its notebook's parameters
+               spec:dict,             # the sweep (`load_sweep`)
+               out:Path,              # the sweep's report folder
+               name:str,              # the sweep's name
+               client, uri,           # MLflow client and tracking URI (None, None: tracking off)
+               exp:str, parent):      # MLflow experiment and parent run id
+    "Run trial `i` (a child run of `parent`, when tracking); its row of the sweep table, FAILED with NaN if it failed."
+    from mhist_nb.tracking import flatten
+    nb, mon = spec['notebook'], spec['rule']['monitor']
+    if 'out_dir' in spec['cfg']['_declared'][nb]: params['out_dir'] = str(out/f'trial_{i:02d}')
+    rid = start_run(client, uri, exp, f'{name}/trial_{i:02d}', params, parent=parent,
+                    tags={'mhist.pipeline': name, 'mhist.notebook': nb}) if client else None
+    ok, out_nb = False, out/f'trial_{i:02d}.ipynb'
+    try:
+        run_notebook(spec['nb_path'], out_nb, params, timeout=notebook_timeout(spec['cfg'], nb), quiet=True, env=_run_env(uri, rid))
+        ok = True
+    except NotebookError as e: print(f'[{name}] trial {i} failed: {e}', file=sys.stderr)
+    finally:
+        if rid: finish_run(client, rid, out_nb, ok)
+    v = _trial_value(ok, client, rid, params.get('out_dir'), mon)
+    return dict(trial=i, run_id=rid, status='FINISHED' if ok else 'FAILED', **flatten(c), **{mon: v})
+
+# %% ../nbs/30_pipeline.ipynb #90418b3e
+def _rank(rows:list[dict], rule:dict) -> pd.DataFrame:
+    "The sweep table: one row per trial, best first by `rule` (NaN, a failed trial, last)."
+    return pd.DataFrame(rows).sort_values(rule['monitor'], ascending=rule['mode'] == 'min', na_position='last', kind='stable')
+
+# %% ../nbs/30_pipeline.ipynb #e4309a54
+def _log_sweep(client, parent:str, table:pd.DataFrame, csv:Path, monitor:str):
+    "Attach the sweep table to the parent run, with the best trial's metric (when finite) and number."
+    from mlflow.entities import Metric
+    best = table.iloc[0]
+    client.log_artifact(parent, str(csv))
+    if np.isfinite(best[monitor]): client.log_batch(parent, metrics=[Metric(monitor, float(best[monitor]), int(time.time() * 1000), 0)])
+    client.set_tag(parent, 'mhist.best_trial', str(best['trial']))
+
+# %% ../nbs/30_pipeline.ipynb #0b46483e
+def run_sweep(sweep_file,                     # a sweep file (YAML)
+              name:str|None=None,             # report folder (default: the file's `name`)
+              reports:str|Path='reports',     # reports root
+              quiet:bool=False,               # no progress output
+              overrides:dict|None=None,       # dotted keys of the base parameter file
+              top:int|None=None               # rows of the ranking to return (default: the file's `top`, else all)
+             ) -> pd.DataFrame:
+    "Run every configuration of a sweep (child MLflow runs of one parent, unless tracking is off); return the best `top`, ranked."
+    from mhist_nb.tracking import tracking_enabled
+    spec = load_sweep(sweep_file, overrides)
+    name = name or spec['name']
+    ensure_data(spec['cfg'], quiet)
+    configs, trials = _sweep_trials(spec, sweep_file)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
     client, uri = _client() if tracking_enabled() else (None, None)       # MHIST_TRACKING=off: no MLflow at all
-    exp = base.get('experiment') or cfg['_declared'][nb].get('experiment', "'mhist-sweep'").strip('\'"')
-    parent = start_run(client, uri, exp, f'{name} (sweep)', dict(grid=spec['grid'], method=spec['method'], rule=rule,
-                       n_trials=len(configs)), tags={'mhist.pipeline': name, 'mhist.sweep': 'parent'}) if client else None
-    rows, ok = [], False
+    exp, parent = _sweep_experiment(spec), _sweep_parent(client, uri, spec, name, len(configs))
+    ok, rows = False, []
     try:
         for i, (c, params) in enumerate(zip(configs, trials)):
-            if 'out_dir' in cfg['_declared'][nb]: params['out_dir'] = str(out/f'trial_{i:02d}')
-            rid = start_run(client, uri, exp, f'{name}/trial_{i:02d}', params, parent=parent,
-                            tags={'mhist.pipeline': name, 'mhist.notebook': nb}) if client else None
             if not quiet: print(f'[{name}] trial {i + 1}/{len(configs)}: {c}', flush=True)
-            t_ok, out_nb = False, out/f'trial_{i:02d}.ipynb'
-            try:
-                run_notebook(spec['nb_path'], out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=True,
-                             env=dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=rid) if rid else None)
-                t_ok = True
-            except NotebookError as e:
-                print(f'[{name}] trial {i} failed: {e}', file=sys.stderr)
-            finally:
-                if rid: finish_run(client, rid, out_nb, t_ok)
-            v = (float('nan') if not t_ok else client.get_run(rid).data.metrics.get(mon, float('nan')) if rid
-                 else trial_metric(params.get('out_dir'), mon))
-            rows.append(dict(trial=i, run_id=rid, status='FINISHED' if t_ok else 'FAILED', **flatten(c), **{mon: v}))
-        table = pd.DataFrame(rows).sort_values(mon, ascending=rule['mode'] == 'min', na_position='last', kind='stable')
+            rows.append(_run_trial(i, c, params, spec, out, name, client, uri, exp, parent))
+        table = _rank(rows, spec['rule'])
         table.to_csv(out/'sweep.csv', index=False)
-        best = table.iloc[0]
-        if parent:
-            from mlflow.entities import Metric
-            client.log_artifact(parent, str(out/'sweep.csv'))
-            if np.isfinite(best[mon]): client.log_batch(parent, metrics=[Metric(mon, float(best[mon]), int(time.time() * 1000), 0)])
-            client.set_tag(parent, 'mhist.best_trial', str(best['trial']))
+        if parent: _log_sweep(client, parent, table, out/'sweep.csv', spec['rule']['monitor'])
         ok = True
         return table.head(top or spec['top'] or len(table)).reset_index(drop=True)
     finally:
         if parent: client.set_terminated(parent, 'FINISHED' if ok else 'FAILED')
 
-# %% ../nbs/30_pipeline.ipynb #80ac3313
-def sagemaker_main(argv=None) -> int:
-    "SageMaker training entry: SM_CHANNEL_TRAINING → data_dir, reports → SM_OUTPUT_DATA_DIR, models → SM_MODEL_DIR."
-    env = os.environ
-    missing = [k for k in ('SM_CHANNEL_TRAINING', 'SM_MODEL_DIR', 'SM_OUTPUT_DATA_DIR') if not env.get(k)]
-    if missing: print(f'error: SageMaker variables not set: {missing}', file=sys.stderr); return 2
-    hps = json.loads(env.get('SM_HPS') or '{}')
-    params = hps.pop('params', 'params/mhist_gpu.yaml')
-    name = hps.pop('name', 'sagemaker')
-    data_dir, model_dir, out_dir = (Path(env[k]) for k in ('SM_CHANNEL_TRAINING', 'SM_MODEL_DIR', 'SM_OUTPUT_DATA_DIR'))
-    overrides = {'common.data_dir': str(data_dir), **hps}
-    try:
-        cfg = load_params(params, overrides)
-        cfg.pop('synth', None)                                  # real data comes from the channel
-        rep = run_pipeline({k: v for k, v in cfg.items() if not k.startswith('_')}, name=name, reports=out_dir)
-    except (ParamsError, NotebookError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr); return 1
+# %% ../nbs/30_pipeline.ipynb #ed5ac319
+SM_VARS = ('SM_CHANNEL_TRAINING', 'SM_MODEL_DIR', 'SM_OUTPUT_DATA_DIR')
+
+def _copy_model_files(rep:Path, model_dir:Path):
+    "Copy the checkpoints (`best.pt`) and prediction files (`predictions_*`) of report folder `rep` into `model_dir`, keeping sub-folders."
     model_dir.mkdir(parents=True, exist_ok=True)
     for f in rep.rglob('*'):
         if f.is_file() and (f.name == 'best.pt' or f.name.startswith('predictions_')):
             dst = model_dir/f.relative_to(rep); dst.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, dst)
+
+# %% ../nbs/30_pipeline.ipynb #cfffd9b7
+def sagemaker_main(argv=None) -> int:
+    "SageMaker training entry: SM_CHANNEL_TRAINING → data_dir, reports → SM_OUTPUT_DATA_DIR, models → SM_MODEL_DIR."
+    env = os.environ
+    missing = [k for k in SM_VARS if not env.get(k)]
+    if missing: print(f'error: SageMaker variables not set: {missing}', file=sys.stderr); return 2
+    hps = json.loads(env.get('SM_HPS') or '{}')
+    params, name = hps.pop('params', 'params/mhist_gpu.yaml'), hps.pop('name', 'sagemaker')
+    data_dir, model_dir, out_dir = (Path(env[k]) for k in SM_VARS)
+    try:
+        cfg = load_params(params, {'common.data_dir': str(data_dir), **hps})
+        cfg.pop('synth', None)                                  # real data comes from the channel
+        rep = run_pipeline({k: v for k, v in cfg.items() if not k.startswith('_')}, name=name, reports=out_dir)
+    except (ParamsError, NotebookError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr); return 1
+    _copy_model_files(rep, model_dir)
     print(f'reports in {rep}; model artefacts in {model_dir}')
     return 0

@@ -1,7 +1,7 @@
 """The papermill pipeline from the command line: parameter checking, a failing notebook, a sweep, the SageMaker entry.
 
 Each test uses its own throw-away MLflow store (MLFLOW_TRACKING_URI) and report folder."""
-import json, os, subprocess, sys, time
+import html, json, os, re, subprocess, sys, time
 from pathlib import Path
 import nbformat, pandas as pd, pytest, yaml
 from conftest import ROOT, mhist
@@ -134,6 +134,24 @@ def test_command_line_overrides_reach_the_notebook_typed(tmp_path, env):
     assert nbformat.read(out, as_version=4).cells[-1].outputs[0].text.strip() == '2e-05 3 True'
     # mistyped keys and values on the command line: nbs/39_cli.ipynb; data folder and weights checks: nbs/30_pipeline.ipynb
 
+
+def test_report_hides_tagged_cells_and_tqdm_noise(tmp_path, env):
+    "The HTML report drops `report-hide` cells (the .ipynb keeps them) and shows no tqdm widget warning; other warnings stay."
+    nb = write_nb(tmp_path/'rep.ipynb', 'n: int = 1', 'from tqdm.auto import tqdm\nimport warnings',
+                  "print('total', sum(tqdm(range(n))))", "warnings.warn('this one stays')")
+    book = nbformat.read(nb, as_version=4); book.cells[1].metadata['tags'] = ['report-hide']; nbformat.write(book, nb)
+    p = write_yaml(tmp_path/'r.yaml', {'name': 'r', 'run': [str(nb)], 'rep': {'n': 4}})
+    r = mhist('run', p, '--reports', tmp_path/'reports', '--quiet', env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path/'reports'/'r'
+    cells = nbformat.read(out/'rep.ipynb', as_version=4).cells
+    texts = [o.get('text', '') for c in cells for o in c.get('outputs', [])]
+    assert 'total 6\n' in texts and any('this one stays' in t for t in texts), texts
+    assert not any('IProgress' in t or 'it/s' in t for t in texts + [r.stdout, r.stderr]), texts      # no widget warning, no bars
+    assert any(c.source.startswith('from tqdm.auto') for c in cells if 'report-hide' in c.metadata.get('tags', []))
+    page = html.unescape(re.sub(r'<[^>]+>', '', (out/'rep.html').read_text()))       # the text a reader sees
+    assert 'total 6' in page and 'this one stays' in page and 'n = 4' in page          # outputs, kept warning, parameters
+    assert 'from tqdm.auto' not in page and 'IProgress' not in page
 
 def test_cell_timeout_fails_the_notebook_and_its_mlflow_run(tmp_path, env):
     from mlflow import MlflowClient
