@@ -157,10 +157,10 @@ def cmd_sweep(args) -> int:
     "Run a sweep file."
     from mhist_nb.pipeline import run_sweep, ParamsError
     try: table = run_sweep(args.sweep, name=args.name, reports=args.reports, quiet=args.quiet,
-                           overrides=parse_parameters(args.parameter), top=args.top)
-    except (ParamsError, FileNotFoundError) as e: return _error(e, 1)
+                           overrides=parse_parameters(args.parameter), top=args.top, worker=args.worker)
+    except (ParamsError, FileNotFoundError, RuntimeError) as e: return _error(e, 1)
     print(table.to_string(index=False))
-    return 0 if (table.status == 'FINISHED').any() else 1
+    return 0 if ((table.status == 'FINISHED') if 'status' in table else (table.state == 'COMPLETE')).any() else 1
 
 # %% ../nbs/39_cli.ipynb #84087e02
 def add_sweep(sub):
@@ -168,13 +168,16 @@ def add_sweep(sub):
     w = sub.add_parser('sweep', help='run a hyper-parameter sweep', **_RAW, description=
                        'Run every configuration of a sweep file as a child MLflow run under one parent run (without\n'
                        'MLflow when MHIST_TRACKING=off), then print the best configurations ranked by the sweep\'s rule;\n'
-                       'reports/NAME/sweep.csv keeps every trial.',
+                       'reports/NAME/sweep.csv keeps every trial. With method optuna the trials come from a study in a\n'
+                       'database that any number of `mhist sweep FILE --worker` processes share.',
                        epilog='example:\n  mhist sweep params/sweep_vit.yaml -p 11_train_vit.full_epochs 5 --top 3')
     w.add_argument('sweep', help='sweep file, e.g. params/sweep_vit.yaml')
     _add_parameter(w, P_HELP.replace('one key', 'one key of the base parameter file'))
     w.add_argument('--name', help='report folder (default: the file\'s name key)')
     w.add_argument('--reports', default='reports', help='reports root (default reports)')
     w.add_argument('--top', type=int, help="rows of the ranking to print (default: the file's top, else all)")
+    w.add_argument('--worker', action='store_true', help='method optuna: join the study that `mhist sweep FILE` started\n'
+                   '(on this or another machine; same file, same storage)')
     w.add_argument('--quiet', action='store_true', help='no progress output')
     w.set_defaults(func=cmd_sweep)
 

@@ -11,11 +11,11 @@ import numpy as np, pandas as pd, yaml
 
 # %% auto #0
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
-           'TQDM_WARNING_FILTER', 'SWEEP_KEYS', 'SM_VARS', 'ParamsError', 'project_notebook', 'notebook_key',
-           'notebook_parameters', 'notebook_types', 'type_members', 'coerce', 'dict_fields', 'check_param',
-           'load_params', 'is_weights_path', 'notebook_params', 'notebook_timeout', 'NotebookError', 'to_html',
-           'kernel_env', 'run_notebook', 'start_run', 'finish_run', 'path_problems', 'check_paths', 'ensure_data',
-           'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs', 'load_sweep', 'run_sweep',
+           'TQDM_WARNING_FILTER', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS', 'ParamsError', 'project_notebook',
+           'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members', 'coerce', 'dict_fields',
+           'check_param', 'load_params', 'is_weights_path', 'notebook_params', 'notebook_timeout', 'NotebookError',
+           'to_html', 'kernel_env', 'run_notebook', 'start_run', 'finish_run', 'path_problems', 'check_paths',
+           'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs', 'load_sweep', 'run_sweep',
            'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
@@ -603,7 +603,7 @@ def sweep_configs(grid:dict, method:str='grid', n_trials:int|None=None, seed:int
     return combos
 
 # %% ../nbs/30_pipeline.ipynb #a8728a07
-SWEEP_KEYS = ('name', 'base', 'notebook', 'method', 'grid', 'n_trials', 'seed', 'rule', 'top')
+SWEEP_KEYS = ('name', 'base', 'notebook', 'method', 'grid', 'n_trials', 'seed', 'rule', 'top', 'storage')
 
 def _check_sweep_keys(spec, path):
     "Raise a ParamsError unless `spec` is a mapping of known sweep keys holding `base`, `notebook` and `grid`."
@@ -652,6 +652,17 @@ def _check_rule(rule, problems:list) -> dict:
                         f'val_X; best_ with any of those or epoch; train_seconds; X: {xs})')
     return dict(monitor=monitor, mode=rule.get('mode', 'max'))
 
+# %% ../nbs/30_pipeline.ipynb #c13d1754
+SWEEP_METHODS = ('grid', 'random', 'optuna')
+
+def _check_storage(spec:dict, method:str, problems:list) -> str|None:
+    "The Optuna study's database URL (`${VAR}` read from the environment): required by method optuna, refused by the others."
+    v = _expand(spec.get('storage'), 'storage', problems)
+    if method == 'optuna' and not (isinstance(v, str) and '://' in v):
+        problems.append(f"storage: method optuna needs a database URL (sqlite:///sweeps.db, postgresql://user:pw@host/db), got {v!r}")
+    elif method != 'optuna' and v is not None: problems.append(f"storage: only method optuna uses a study database (method is {method!r})")
+    return v
+
 # %% ../nbs/30_pipeline.ipynb #bfb1d0d5
 def load_sweep(path, overrides:dict|None=None) -> dict:
     "Read and check a sweep file (the base parameter file, with dotted `overrides`, the grid's keys and values, the rule)."
@@ -661,13 +672,14 @@ def load_sweep(path, overrides:dict|None=None) -> dict:
     nb = notebook_key(spec['notebook'])
     grid = _check_grid(spec['grid'], nb, cfg, problems)
     method = spec.get('method', 'grid')
-    if method not in ('grid', 'random'): problems.append(f"method must be 'grid' or 'random', got {method!r}")
+    if method not in SWEEP_METHODS: problems.append(f"method must be one of {list(SWEEP_METHODS)}, got {method!r}")
     _check_counts(spec, problems)
+    storage = _check_storage(spec, method, problems)
     rule = _check_rule(spec.get('rule'), problems)
     if problems: raise ParamsError(path, problems)
     return dict(spec, name=str(spec.get('name') or Path(path).stem), cfg=cfg, notebook=nb, grid=grid, method=method,
                 nb_path=next(n for n in cfg['run'] if notebook_key(n) == nb),     # as the run list names it: a key or a path
-                seed=spec['seed'] or 0, rule=rule)
+                seed=spec['seed'] or 0, rule=rule, storage=storage)
 
 # %% ../nbs/30_pipeline.ipynb #854ab049
 def _sweep_trials(spec:dict, sweep_file) -> tuple:
@@ -709,7 +721,8 @@ def _run_trial(i:int,                 # the trial's number
                out:Path,              # the sweep's report folder
                name:str,              # the sweep's name
                client, uri,           # MLflow client and tracking URI (None, None: tracking off)
-               exp:str, parent):      # MLflow experiment and parent run id
+               exp:str, parent,       # MLflow experiment and parent run id
+               env:dict|None=None):   # more variables for the kernel (an Optuna trial's)
     "Run trial `i` (a child run of `parent`, when tracking); its row of the sweep table, FAILED with NaN if it failed."
     from mhist_nb.tracking import flatten
     nb, mon = spec['notebook'], spec['rule']['monitor']
@@ -718,7 +731,7 @@ def _run_trial(i:int,                 # the trial's number
                     tags={'mhist.pipeline': name, 'mhist.notebook': nb}) if client else None
     ok, out_nb = False, out/f'trial_{i:02d}.ipynb'
     try:
-        run_notebook(spec['nb_path'], out_nb, params, timeout=notebook_timeout(spec['cfg'], nb), quiet=True, env=_run_env(uri, rid))
+        run_notebook(spec['nb_path'], out_nb, params, timeout=notebook_timeout(spec['cfg'], nb), quiet=True, env={**(_run_env(uri, rid) or {}), **(env or {})} or None)
         ok = True
     except NotebookError as e: print(f'[{name}] trial {i} failed: {e}', file=sys.stderr)
     finally:
@@ -746,12 +759,17 @@ def run_sweep(sweep_file,                     # a sweep file (YAML)
               reports:str|Path='reports',     # reports root
               quiet:bool=False,               # no progress output
               overrides:dict|None=None,       # dotted keys of the base parameter file
-              top:int|None=None               # rows of the ranking to return (default: the file's `top`, else all)
+              top:int|None=None,              # rows of the ranking to return (default: the file's `top`, else all)
+              worker:bool=False               # method optuna: join the study another `run_sweep` started
              ) -> pd.DataFrame:
     "Run every configuration of a sweep (child MLflow runs of one parent, unless tracking is off); return the best `top`, ranked."
     from mhist_nb.tracking import tracking_enabled
     spec = load_sweep(sweep_file, overrides)
     name = name or spec['name']
+    if spec['method'] == 'optuna':
+        from mhist_nb.distributed import run_optuna_sweep
+        return run_optuna_sweep(spec, sweep_file, name, reports, quiet, top, worker)
+    if worker: raise ParamsError(sweep_file, [f"--worker joins an Optuna study; this sweep's method is {spec['method']!r}"])
     ensure_data(spec['cfg'], quiet)
     configs, trials = _sweep_trials(spec, sweep_file)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)

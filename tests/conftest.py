@@ -1,6 +1,6 @@
-import os, shutil, subprocess, sys
+import os, secrets, shutil, socket, subprocess, sys, tempfile, time
 from pathlib import Path
-import pytest
+import pytest, requests
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,3 +37,82 @@ def tiny_pipeline(tmp_path_factory):
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES='0')
     r = mhist('run', params, '--reports', tmp/'reports', '--quiet', env=env)
     return tmp/'reports'/'tiny', uri, r
+
+
+# ---------------------------------------------------------------- PostgreSQL and a shared MLflow server, once per session
+PG_BINS = sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb'))
+PG_BIN = PG_BINS[-1].parent if PG_BINS else (Path(shutil.which('initdb')).parent if shutil.which('initdb') else None)
+MLFLOW = Path(sys.executable).parent/'mlflow'
+
+
+def free_port() -> int:
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def as_pg(args, **kw):
+    "Run a PostgreSQL program as the `postgres` system user when we are root (PostgreSQL refuses to run as root)."
+    cmd = [str(PG_BIN/args[0]), *map(str, args[1:])]
+    if os.geteuid() == 0: cmd = ['runuser', '-u', 'postgres', '--', *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, **kw)
+
+
+@pytest.fixture(scope='session')
+def postgres():
+    "A throw-away PostgreSQL cluster on 127.0.0.1: a password-protected `mlflow` role owning databases mlflow, mlflow_auth, optuna."
+    if PG_BIN is None: pytest.skip('PostgreSQL is absent: `make test-deps` installs Debian\'s postgresql')
+    d = Path(tempfile.mkdtemp(prefix='mhist-pg-', dir='/var/tmp' if os.geteuid() == 0 else None))
+    if os.geteuid() == 0: shutil.chown(d, 'postgres', 'postgres')
+    port, pw = free_port(), secrets.token_hex(8)
+    as_pg(['initdb', '-D', d/'data', '-U', 'postgres', '-E', 'UTF8', '--auth-local=trust', '--auth-host=scram-sha-256', '--no-sync'])
+    as_pg(['pg_ctl', '-D', d/'data', '-l', d/'log', '-w', '-o', f'-h 127.0.0.1 -p {port} -k {d}', 'start'])
+    try:
+        for q in (f"CREATE ROLE mlflow LOGIN PASSWORD '{pw}'", 'CREATE DATABASE mlflow OWNER mlflow',
+                    'CREATE DATABASE mlflow_auth OWNER mlflow', 'CREATE DATABASE optuna OWNER mlflow'):
+            as_pg(['psql', '-h', d, '-p', port, '-U', 'postgres', '-v', 'ON_ERROR_STOP=1', '-c', q])
+        yield dict(port=port, dir=d, url=lambda db: f'postgresql://mlflow:{pw}@127.0.0.1:{port}/{db}')
+    finally:
+        subprocess.run(['runuser', '-u', 'postgres', '--'] * (os.geteuid() == 0) + [str(PG_BIN/'pg_ctl'), '-D', str(d/'data'),
+                        '-m', 'fast', 'stop'], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def sql(pg, query: str, db: str = 'mlflow') -> str:
+    "The result of `query` in database `db` of the `postgres` fixture's cluster, as text."
+    return as_pg(['psql', '-h', pg['dir'], '-p', pg['port'], '-U', 'postgres', '-d', db, '-tAc', query]).stdout.strip()
+
+
+ENTRYPOINT = ROOT/'docker'/'tracking-entrypoint.sh'
+
+
+@pytest.fixture(scope='session')
+def tracking_server(postgres, tmp_path_factory):
+    """The tracking image's command (docker/tracking-entrypoint.sh: `mlflow server` on PostgreSQL, proxied artifacts,
+    basic auth) run on loopback with the settings docker-compose.tracking.yml passes, a folder as the artifact store."""
+    tmp = tmp_path_factory.mktemp('mlflow-server')
+    admin_pw, port = secrets.token_urlsafe(12), free_port()
+    url = postgres['url']('mlflow')
+    env = {**os.environ, 'HOME': str(tmp), 'PATH': f"{MLFLOW.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           'POSTGRES_HOST': '127.0.0.1', 'POSTGRES_PORT': str(postgres['port']), 'POSTGRES_USER': 'mlflow',
+           'POSTGRES_PASSWORD': url.split(':')[2].split('@')[0], 'POSTGRES_DB': 'mlflow', 'MLFLOW_AUTH_DB': 'mlflow_auth',
+           'MLFLOW_ADMIN_PASSWORD': admin_pw, 'MLFLOW_ARTIFACTS_DESTINATION': (tmp/'artifacts').as_uri(),
+           'MLFLOW_HOST': '127.0.0.1', 'MLFLOW_PORT': str(port), 'MLFLOW_FLASK_SERVER_SECRET_KEY': secrets.token_hex(16)}
+    log = open(tmp/'server.log', 'w')
+    proc = subprocess.Popen([str(ENTRYPOINT)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f'http://127.0.0.1:{port}'
+    try:
+        for _ in range(240):
+            if proc.poll() is not None: pytest.fail(f'mlflow server exited: {(tmp/"server.log").read_text()[-3000:]}')
+            try:
+                if requests.get(f'{uri}/health', timeout=5).ok: break
+            except requests.RequestException: pass      # not listening yet, or busy migrating the database
+            time.sleep(0.5)
+        else: pytest.fail(f'mlflow server did not start: {(tmp/"server.log").read_text()[-3000:]}')
+        assert oct((tmp/'basic_auth.ini').stat().st_mode & 0o777) == '0o600'          # it holds the passwords
+        yield dict(uri=uri, auth=('admin', admin_pw), artifacts=tmp/'artifacts', log=tmp/'server.log')
+    finally:
+        os.killpg(proc.pid, 15)
+        try: proc.wait(20)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, 9)
+        log.close()
+
+
