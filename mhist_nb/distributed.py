@@ -182,13 +182,13 @@ def run_optuna_sweep(spec:dict, sweep_file, name:str, reports, quiet:bool=False,
     from mhist_nb.pipeline import (ensure_data, notebook_params, _resolve_paths, path_problems, ParamsError, _client,
                                    _sweep_experiment, _log_sweep)
     from mhist_nb.tracking import tracking_enabled
+    client, uri = _client() if tracking_enabled() else (None, None)       # the server is checked before anything starts
     ensure_data(spec['cfg'], quiet)
     base = _resolve_paths(notebook_params(spec['cfg'], spec['notebook']))
     if problems := path_problems(base, lambda k: f"{spec['notebook']}.{k}"): raise ParamsError(sweep_file, problems)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
     rule, budget = spec['rule'], spec.get('n_trials') or grid_size(spec['grid'])
     study = open_study(spec['storage'], name, rule['mode'], spec['seed'] + (os.getpid() if worker else 0), create=not worker)
-    client, uri = _client() if tracking_enabled() else (None, None)
     parent = _study_parent(study, client, uri, spec, name, budget, worker)
     run = _trial_runner(study, spec, base, out, name, client, uri, _sweep_experiment(spec), parent)
     ok = False

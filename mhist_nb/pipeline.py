@@ -11,12 +11,12 @@ import numpy as np, pandas as pd, yaml
 
 # %% auto #0
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
-           'TQDM_WARNING_FILTER', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS', 'ParamsError', 'project_notebook',
-           'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members', 'coerce', 'dict_fields',
-           'check_param', 'load_params', 'is_weights_path', 'notebook_params', 'notebook_timeout', 'NotebookError',
-           'to_html', 'kernel_env', 'run_notebook', 'start_run', 'finish_run', 'path_problems', 'check_paths',
-           'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs', 'load_sweep', 'run_sweep',
-           'sagemaker_main']
+           'TQDM_WARNING_FILTER', 'TRACKING_WAYS_OUT', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS', 'ParamsError',
+           'project_notebook', 'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members', 'coerce',
+           'dict_fields', 'check_param', 'load_params', 'is_weights_path', 'notebook_params', 'notebook_timeout',
+           'NotebookError', 'to_html', 'kernel_env', 'run_notebook', 'TrackingUnavailable', 'check_tracking',
+           'start_run', 'finish_run', 'path_problems', 'check_paths', 'ensure_data', 'run_pipeline', 'logged_metrics',
+           'trial_metric', 'sweep_configs', 'load_sweep', 'run_sweep', 'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
 DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
@@ -460,11 +460,48 @@ def run_notebook(nb,                      # a notebook name (`10_train_mlp`) or 
         if out_nb.is_file(): to_html(out_nb)
     return out_nb
 
-# %% ../nbs/30_pipeline.ipynb #e9867cb9
+# %% ../nbs/30_pipeline.ipynb #99b93a18
+class TrackingUnavailable(RuntimeError):
+    "The MLflow tracking server cannot be used; the message names the URI, the reason and the ways out."
+
+TRACKING_WAYS_OUT = ('start the server, point MLFLOW_TRACKING_URI at one that runs (unset, runs go to mlflow.db in the '
+                     'project folder), or run without tracking: MHIST_TRACKING=off')
+
+# %% ../nbs/30_pipeline.ipynb #9a6b9697
+def _tracking_request(uri:str):
+    "A request for one experiment from the server at `uri`, with MLflow's credentials from the environment."
+    import base64, urllib.request
+    req = urllib.request.Request(uri.rstrip('/') + '/api/2.0/mlflow/experiments/search?max_results=1')
+    user, token = os.environ.get('MLFLOW_TRACKING_USERNAME'), os.environ.get('MLFLOW_TRACKING_TOKEN')
+    if user:
+        cred = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        req.add_header('Authorization', 'Basic ' + base64.b64encode(cred).decode())
+    elif token: req.add_header('Authorization', f'Bearer {token}')
+    return req
+
+# %% ../nbs/30_pipeline.ipynb #92d34781
+def check_tracking(uri:str, timeout:float=5.0):
+    "Raise `TrackingUnavailable` unless the tracking server at `uri` answers within `timeout` s (non-HTTP stores pass)."
+    import urllib.error, urllib.request
+    if not uri.startswith(('http://', 'https://')): return
+    try: urllib.request.urlopen(_tracking_request(uri), timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise TrackingUnavailable(f'MLflow tracking server {uri} refused the credentials (HTTP {e.code}): set '
+                                      'MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MHIST_TRACKING=off') from None
+        raise TrackingUnavailable(f'MLflow tracking server {uri} answered HTTP {e.code} {e.reason}: {TRACKING_WAYS_OUT}') from None
+    except OSError as e:                                   # refused, unknown host, timed out (URLError is an OSError)
+        why = getattr(e, 'reason', e)
+        raise TrackingUnavailable(f'MLflow tracking server {uri} is not reachable ({why}; waited at most {timeout:g} s): '
+                                  f'{TRACKING_WAYS_OUT}') from None
+
+# %% ../nbs/30_pipeline.ipynb #4ccf4986
 def _client():
+    "An MLflow client for the tracking URI in use, after `check_tracking` found its server (if any) answering."
     from mlflow import MlflowClient
     from mhist_nb.tracking import tracking_uri
     uri = tracking_uri()
+    check_tracking(uri)
     return MlflowClient(uri), uri
 
 # %% ../nbs/30_pipeline.ipynb #a47e2d68
@@ -564,10 +601,10 @@ def run_pipeline(params_file,                 # a parameter file (path) or its d
     from mhist_nb.tracking import tracking_enabled
     cfg = load_params(params_file, overrides)
     name = name or cfg['name']
+    client, uri = _client() if tracking_enabled() else (None, None)      # the server is checked before anything starts
     ensure_data(cfg, quiet)
     check_paths(cfg)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
-    client, uri = _client() if tracking_enabled() else (None, None)
     for nb in cfg['run']: _run_one(cfg, nb, out, name, client, uri, quiet)
     return out
 
@@ -770,10 +807,10 @@ def run_sweep(sweep_file,                     # a sweep file (YAML)
         from mhist_nb.distributed import run_optuna_sweep
         return run_optuna_sweep(spec, sweep_file, name, reports, quiet, top, worker)
     if worker: raise ParamsError(sweep_file, [f"--worker joins an Optuna study; this sweep's method is {spec['method']!r}"])
+    client, uri = _client() if tracking_enabled() else (None, None)       # MHIST_TRACKING=off: no MLflow at all
     ensure_data(spec['cfg'], quiet)
     configs, trials = _sweep_trials(spec, sweep_file)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
-    client, uri = _client() if tracking_enabled() else (None, None)       # MHIST_TRACKING=off: no MLflow at all
     exp, parent = _sweep_experiment(spec), _sweep_parent(client, uri, spec, name, len(configs))
     ok, rows = False, []
     try:

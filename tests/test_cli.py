@@ -1,5 +1,5 @@
 "The `mhist` console script, run as a user would: in a subprocess, reading exit codes and output."
-import shutil
+import os, shutil
 import pandas as pd
 import pytest
 from PIL import Image
@@ -75,3 +75,21 @@ def test_synth_bad_scale(tmp_path):
     r = mhist('synth', tmp_path/'x', '--scale', '-1', '--quiet')
     assert r.returncode == 2 and 'scale must be positive' in r.stderr
     assert not (tmp_path/'x').exists()
+
+
+def test_run_stops_at_once_when_the_tracking_server_is_down(tmp_path):
+    "Measured before: 257 s of client retries, then a raw MlflowException traceback. Now one message, before any work."
+    import socket, time, yaml
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]   # nothing listens there
+    params = tmp_path/'p.yaml'
+    params.write_text(yaml.safe_dump({'name': 't', 'run': ['10_train_mlp'], 'synth': {'scale': 0.02, 'seed': 0},
+                                      'common': {'data_dir': str(tmp_path/'data')}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('MLFLOW_', 'MHIST_'))}
+    t0 = time.perf_counter()
+    r = mhist('run', params, '--reports', tmp_path/'reports', env={**env, 'MLFLOW_TRACKING_URI': f'http://127.0.0.1:{port}'})
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert time.perf_counter() - t0 < 60
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and f'MLflow tracking server http://127.0.0.1:{port} is not reachable' in err[0], r.stderr[-2000:]
+    assert 'MHIST_TRACKING=off' in err[0] and 'Traceback' not in r.stderr
+    assert not (tmp_path/'data').exists() and not (tmp_path/'reports').exists()          # nothing was started
