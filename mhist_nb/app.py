@@ -127,15 +127,28 @@ def outcome(call:str, truth:str|None, positive:str='SSA') -> str|None:
     if truth is None: return None
     return ('T' if call == truth else 'F') + ('P' if call == positive else 'N')
 
-# %% ../nbs/21_app.ipynb #901c0c9e
+# %% ../nbs/21_app.ipynb #7116e531
 def _ms(t0) -> float: return round((time.perf_counter() - t0) * 1e3, 2)
 
 def _mimetype(name:str) -> str:
+    "The image type of a file name's extension (what the API is told it receives)."
     ext = Path(name).suffix.lower()
     return {'.png': 'image/png', '.jpg': 'image/jpeg', '.jpeg': 'image/jpeg', '.tif': 'image/tiff',
             '.tiff': 'image/tiff'}.get(ext, 'application/octet-stream')
 
-# %% ../nbs/21_app.ipynb #4ff1c44c
+# %% ../nbs/21_app.ipynb #e3432578
+def _api_answer(r:requests.Response, path:str, who) -> dict:
+    "The JSON object of the answer `r` to `path`, or an AppError in the API's own words (or saying it is not JSON)."
+    try: body = r.json()
+    except ValueError: body = None
+    if r.ok and isinstance(body, dict): return body
+    if isinstance(body, dict) and 'error' in body: raise AppError(f"{who} answered {r.status_code} ({body['error']}): {body.get('detail')}")
+    raise AppError(f"{who} answered {path} with HTTP {r.status_code} and {r.headers.get('Content-Type')}, not the JSON it should")
+
+# %% ../nbs/21_app.ipynb #d8bfdf30
+def _files(tile:Tile) -> dict: return dict(file=(tile.name, tile.data, _mimetype(tile.name)))
+
+# %% ../nbs/21_app.ipynb #c8ae15f6
 class ApiClient:
     "The HTTP API at `url` (MHIST_API_URL); every failure becomes an AppError in the API's own words."
     def __init__(self, url:str, timeout:float=30.): self.url, self.timeout = url.rstrip('/'), timeout
@@ -147,41 +160,35 @@ class ApiClient:
         except requests.Timeout: raise AppError(f'{self} did not answer {path} within {self.timeout:g} s (MHIST_API_TIMEOUT)') from None
         except requests.RequestException as e:
             raise AppError(f'cannot reach {self} ({type(e).__name__}): is it running? (MHIST_API_URL)') from None
-        try: body = r.json()
-        except ValueError: body = None
-        if r.ok and isinstance(body, dict): return body
-        if isinstance(body, dict) and 'error' in body: raise AppError(f"{self} answered {r.status_code} ({body['error']}): {body.get('detail')}")
-        raise AppError(f"{self} answered {path} with HTTP {r.status_code} and {r.headers.get('Content-Type')}, not the JSON it should")
+        return _api_answer(r, path, self)
 
-# %% ../nbs/21_app.ipynb #cd0d4488
-def _files(tile:Tile) -> dict: return dict(file=(tile.name, tile.data, _mimetype(tile.name)))
+    def models(self) -> tuple[list[dict], list[str]]:
+        "The models the API serves (`GET /models`) and its default set."
+        body = self.call('GET', '/models')
+        return body['models'], body['default']
 
-def _api_models(self:ApiClient) -> tuple[list[dict], list[str]]:
-    "The models the API serves (`GET /models`) and its default set."
-    body = self.call('GET', '/models')
-    return body['models'], body['default']
+    def predict(self, tile:Tile, models:str='both') -> tuple[dict, float]:
+        "Per model name, the API's prediction for `tile`; and the round trip in ms."
+        t0 = time.perf_counter()
+        body = self.call('POST', '/predict', params=dict(model=models), files=_files(tile))
+        return body['results'][0]['predictions'], _ms(t0)
 
-ApiClient.models = _api_models
+    def explain(self, tile:Tile, model:str, patch:int=32, stride:int=32) -> dict:
+        "The API's occlusion map of `tile` for `model` (`map` as a numpy array), with the round trip in ms."
+        t0 = time.perf_counter()
+        body = self.call('POST', '/explain', params=dict(model=model, patch=patch, stride=stride), files=_files(tile))
+        return {**body, 'map': np.asarray(body['map'], np.float32), 'round_trip_ms': _ms(t0)}
 
-# %% ../nbs/21_app.ipynb #c585f0c6
-def _api_predict(self:ApiClient, tile:Tile, models:str='both') -> tuple[dict, float]:
-    "Per model name, the API's prediction for `tile`; and the round trip in ms."
-    t0 = time.perf_counter()
-    body = self.call('POST', '/predict', params=dict(model=models), files=_files(tile))
-    return body['results'][0]['predictions'], _ms(t0)
+# %% ../nbs/21_app.ipynb #dbfb20cd
+def _local(fn, *args, **kw):
+    "`fn(*args, **kw)` with the Predictor's errors (bad image, unknown model, too slow, bad parameter) as AppErrors."
+    from mhist_nb.serve import ImageError, ExplainTimeout
+    try: return fn(*args, **kw)
+    except ImageError as e: raise AppError(f'bad image: {e.detail}') from None
+    except KeyError as e: raise AppError(str(e.args[0])) from None
+    except (ExplainTimeout, ValueError) as e: raise AppError(str(e)) from None
 
-ApiClient.predict = _api_predict
-
-# %% ../nbs/21_app.ipynb #e0390e15
-def _api_explain(self:ApiClient, tile:Tile, model:str, patch:int=32, stride:int=32) -> dict:
-    "The API's occlusion map of `tile` for `model` (`map` as a numpy array), with the round trip in ms."
-    t0 = time.perf_counter()
-    body = self.call('POST', '/explain', params=dict(model=model, patch=patch, stride=stride), files=_files(tile))
-    return {**body, 'map': np.asarray(body['map'], np.float32), 'round_trip_ms': _ms(t0)}
-
-ApiClient.explain = _api_explain
-
-# %% ../nbs/21_app.ipynb #cc2c2b97
+# %% ../nbs/21_app.ipynb #b1b273dc
 class LocalClient:
     "The torch-free `Predictor` in this process, on the manifests of `model_dir`; its failures are AppErrors too."
     def __init__(self, model_dir, explain_budget_s:float|None=None):
@@ -192,32 +199,17 @@ class LocalClient:
     def __repr__(self): return f'the models of {self.model_dir}, in process'
     def models(self) -> tuple[list[dict], list[str]]: return self.pred.info(), list(self.pred.default)
 
-# %% ../nbs/21_app.ipynb #0b7517aa
-def _local(fn, *args, **kw):
-    "`fn(*args, **kw)` with the Predictor's errors (bad image, unknown model, too slow, bad parameter) as AppErrors."
-    from mhist_nb.serve import ImageError, ExplainTimeout
-    try: return fn(*args, **kw)
-    except ImageError as e: raise AppError(f'bad image: {e.detail}') from None
-    except KeyError as e: raise AppError(str(e.args[0])) from None
-    except (ExplainTimeout, ValueError) as e: raise AppError(str(e)) from None
+    def predict(self, tile:Tile, models:str='both') -> tuple[dict, float]:
+        "Per model name, the Predictor's prediction for `tile`; and the call's duration in ms."
+        t0 = time.perf_counter()
+        r = _local(self.pred.predict, [tile.data], models)[0]
+        return r, _ms(t0)
 
-# %% ../nbs/21_app.ipynb #95cca3e6
-def _local_predict(self:LocalClient, tile:Tile, models:str='both') -> tuple[dict, float]:
-    "Per model name, the Predictor's prediction for `tile`; and the call's duration in ms."
-    t0 = time.perf_counter()
-    r = _local(self.pred.predict, [tile.data], models)[0]
-    return r, _ms(t0)
-
-LocalClient.predict = _local_predict
-
-# %% ../nbs/21_app.ipynb #37a7c028
-def _local_explain(self:LocalClient, tile:Tile, model:str, patch:int=32, stride:int=32) -> dict:
-    "The Predictor's occlusion map of `tile` for `model`, within the budget, with the call's duration in ms."
-    t0 = time.perf_counter()
-    e = _local(self.pred.explain, tile.data, model, patch, stride, budget_s=self.budget)
-    return {**e, 'shape': list(e['map'].shape), 'round_trip_ms': _ms(t0)}
-
-LocalClient.explain = _local_explain
+    def explain(self, tile:Tile, model:str, patch:int=32, stride:int=32) -> dict:
+        "The Predictor's occlusion map of `tile` for `model`, within the budget, with the call's duration in ms."
+        t0 = time.perf_counter()
+        e = _local(self.pred.explain, tile.data, model, patch, stride, budget_s=self.budget)
+        return {**e, 'shape': list(e['map'].shape), 'round_trip_ms': _ms(t0)}
 
 # %% ../nbs/21_app.ipynb #51345526
 def make_client(s:Settings) -> ApiClient|LocalClient:
@@ -252,9 +244,10 @@ def _x(field:str, title=None) -> dict:
 
 def p_chart(p:float, threshold:float) -> dict:
     "Vega-Lite: P(SSA) as a bar on [0, 1], red at or above `threshold` and blue below, the threshold a dashed rule."
-    call = 'SSA' if p >= threshold else 'HP'
+    from mhist_nb.serve import CLASS_NAMES
+    call = CLASS_NAMES[int(p >= threshold)]
     colour = dict(field='call', type='nominal', legend=None,
-                  scale=dict(domain=['HP', 'SSA'], range=['#%02x%02x%02x' % HP_RGB, '#%02x%02x%02x' % SSA_RGB]))
+                  scale=dict(domain=list(CLASS_NAMES), range=['#%02x%02x%02x' % HP_RGB, '#%02x%02x%02x' % SSA_RGB]))
     return {'height': 50, 'data': {'values': [dict(p=p, threshold=threshold, call=call)]}, 'layer': [
         {'mark': {'type': 'bar', 'height': 16}, 'encoding': {'x': _x('p', 'P(SSA)'), 'color': colour}},
         {'mark': {'type': 'rule', 'strokeDash': [4, 3], 'size': 2, 'color': 'black'}, 'encoding': {'x': _x('threshold')}},
@@ -395,9 +388,10 @@ def dataset_source(s:Settings) -> tuple[str|None, pd.DataFrame|None]:
 # %% ../nbs/21_app.ipynb #831aabbb
 def pick_controls(table:pd.DataFrame) -> tuple[str, object]:
     "Sidebar: how to pick a tile, and the class, vote count or name to pick by."
+    from mhist_nb.serve import CLASS_NAMES
     sb = st.sidebar
     how = sb.radio('Pick a tile', PICKS, horizontal=True, key='pick')
-    if how == 'by class': return how, sb.radio('Class', ('HP', 'SSA'), horizontal=True, key='pick_class')
+    if how == 'by class': return how, sb.radio('Class', CLASS_NAMES, horizontal=True, key='pick_class')
     if how == 'by votes': return how, sb.select_slider('Annotators choosing SSA (of 7)', list(range(8)), value=4, key='pick_votes')
     if how == 'by name': return how, sb.selectbox('Tile', table.name.tolist(), key='pick_name')
     return how, None
@@ -469,7 +463,13 @@ def explanation(client, tile:Tile, rgb:np.ndarray, name:str, controls:dict):
                      f"{e['map'].size} patches of {e['patch']} px in {e['seconds']:.2f} s")
 
 # %% ../nbs/21_app.ipynb #a9413df8
-def model_card(client, tile:Tile, rgb:np.ndarray, name:str, q:dict, round_trip_ms:float, controls:dict):
+def model_card(client,                          # the ApiClient or LocalClient that answered
+               tile:Tile,                       # the tile asked about
+               rgb:np.ndarray,                  # the tile decoded, for the overlay
+               name:str,                        # the model's name
+               q:dict,                          # its prediction for the tile
+               round_trip_ms:float,             # how long the answer took, as the client measured it
+               controls:dict):                  # the sidebar's choices (`model_controls`)
     "One model's answer: P(SSA) against its threshold, the call and its outcome, the timings, the occlusion map."
     st.subheader(name)
     st.caption(f"{q['model']} · version {q['version']} · threshold {q['threshold']:.3f} ({q['threshold_rule']})")

@@ -6,9 +6,10 @@
 __all__ = ['bind', 'workers', 'timeout', 'graceful_timeout', 'worker_tmp_dir', 'accesslog', 'control_socket_disable',
            'child_exit', 'on_exit']
 
-# %% ../nbs/23_gunicorn.ipynb #0e4c0ca8
+# %% ../nbs/23_gunicorn.ipynb #4381b500
 import os, shutil, tempfile
 
+# %% ../nbs/23_gunicorn.ipynb #64e5be81
 bind = os.environ.get('MHIST_BIND') or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get('MHIST_WORKERS', '2'))
 timeout = int(os.environ.get('MHIST_TIMEOUT', '60'))
@@ -16,16 +17,22 @@ graceful_timeout = 20
 worker_tmp_dir = '/dev/shm' if os.path.isdir('/dev/shm') else None
 accesslog = None                                                    # the app writes one JSON line per request
 control_socket_disable = True                                       # gunicorn >= 25 would open one in $HOME
+
+# %% ../nbs/23_gunicorn.ipynb #1927164a
 if not os.environ.get('MHIST_THREADS'):                             # workers x models sessions share the cores
     os.environ['MHIST_THREADS'] = str(max(1, (os.cpu_count() or 1) // workers))
+
+# %% ../nbs/23_gunicorn.ipynb #8b12bb64
 _own_prometheus_dir = not os.environ.get('PROMETHEUS_MULTIPROC_DIR')
 if _own_prometheus_dir: os.environ['PROMETHEUS_MULTIPROC_DIR'] = tempfile.mkdtemp(prefix='mhist-prometheus-')
 
+# %% ../nbs/23_gunicorn.ipynb #9e1fe633
 def child_exit(server, worker):
     "A worker is gone: drop its live gauges from the shared metrics."
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)
 
+# %% ../nbs/23_gunicorn.ipynb #f4b12bb2
 def on_exit(server):
     "Remove the metrics folder this configuration made."
     if _own_prometheus_dir: shutil.rmtree(os.environ['PROMETHEUS_MULTIPROC_DIR'], ignore_errors=True)

@@ -12,8 +12,8 @@ from PIL import Image
 # %% auto #0
 __all__ = ['INPUT_NAME', 'OUTPUT_NAME', 'CLASS_NAMES', 'MANIFEST_REQUIRED', 'ACCEPTED_FORMATS', 'RESIZE_POLICIES', 'sigmoid',
            'sha256', 'check_manifest', 'read_manifest', 'ort_session', 'onnx_logits', 'open_model', 'ImageError',
-           'decode_image', 'preprocess', 'classify', 'ModelError', 'manifest_paths', 'model_name', 'Predictor',
-           'predict', 'ExplainTimeout', 'occlusion_map', 'explain']
+           'decode_image', 'preprocess', 'classify', 'ExplainTimeout', 'occlusion_map', 'ModelError', 'manifest_paths',
+           'model_name', 'Predictor']
 
 # %% ../nbs/20_serve.ipynb #13d01fd8
 INPUT_NAME, OUTPUT_NAME = 'image', 'logit'
@@ -158,99 +158,19 @@ def classify(manifest:dict, session, images) -> dict:
     names = manifest['class_names']
     return dict(logit=logit, p=p, call=[names[1] if v >= manifest['threshold'] else names[0] for v in p])
 
-# %% ../nbs/20_serve.ipynb #54ae96a8
-class ModelError(RuntimeError):
-    "A model that cannot be served; the message names the file."
-
-def manifest_paths(models) -> list[Path]:
-    "Manifest files of `models`: a folder (its `manifest_*.json`), one manifest file, or a list of either."
-    if isinstance(models, (str, Path)): models = [models]
-    out = []
-    for p in map(Path, models):
-        if p.is_dir():
-            found = sorted(p.glob('manifest_*.json'))
-            if not found: raise ModelError(f'no manifest_*.json in {p} (run the pipeline, e.g. make demo, or point at its reports folder)')
-            out += found
-        elif p.is_file(): out.append(p)
-        else: raise ModelError(f'model folder or manifest not found: {p}')
-    return out
-
-def model_name(manifest_path) -> str:
-    "`manifest_vit.int8.json` -> `vit.int8`."
-    stem = Path(manifest_path).name[:-len('.json')]
-    return stem[len('manifest_'):] if stem.startswith('manifest_') else stem
-
-# %% ../nbs/20_serve.ipynb #91896ece
-class Predictor:
-    "One verified ONNX Runtime session per manifest, loaded once; predicts tiles with each model's own threshold."
-    def __init__(self, models, threads:int|None=None, resize:str='reject', default=None):
-        if resize not in RESIZE_POLICIES: raise ValueError(f'resize must be one of {RESIZE_POLICIES}, got {resize!r}')
-        self.resize, self.models = resize, {}
-        for p in manifest_paths(models):
-            name = model_name(p)
-            if name in self.models: raise ModelError(f'two manifests for model {name!r}: {p} and {self.models[name][0]["path"]}')
-            try: m, s = open_model(p, threads)
-            except (ValueError, FileNotFoundError) as e: raise ModelError(str(e)) from None
-            except Exception as e:                                 # ONNX Runtime cannot load the file
-                raise ModelError(f'{p}: the model file cannot be loaded by ONNX Runtime ({type(e).__name__}: {e})') from None
-            self.models[name] = ({**m, 'path': str(p)}, s)
-        self.default = list(default) if default else [n for n in self.models if '.' not in n] or list(self.models)
-
-    def names(self, which='both') -> list[str]:
-        "Model names for `which`: 'both' (the default set), 'all', one name, or a list; a KeyError names unknown ones."
-        if which in (None, 'both'): return list(self.default)
-        if which == 'all': return list(self.models)
-        names = [which] if isinstance(which, str) else list(which)
-        unknown = [n for n in names if n not in self.models]
-        if unknown: raise KeyError(f'unknown model(s) {unknown}; available: {list(self.models)}, both, all')
-        return names
-
-    def info(self) -> list[dict]:
-        "Each model's manifest without paths (what `GET /models` shows)."
-        drop = ('path', 'onnx_path', 'onnx')
-        return [dict(name=n, version=m['sha256'][:12], **{k: v for k, v in m.items() if k not in drop})
-                for n, (m, _) in self.models.items()]
-
-# %% ../nbs/20_serve.ipynb #b2ad153b
-def _ms(t0): return round((time.perf_counter() - t0) * 1e3, 3)
-
-def _tile(self:Predictor, im, size:int, index:int) -> np.ndarray:
-    "Image `index` of a request as a uint8 tile; an `ImageError` raised here knows its `index`."
-    if not isinstance(im, (bytes, bytearray)): return np.asarray(im, np.uint8)
-    try: return decode_image(bytes(im), size, self.resize)
-    except ImageError as e: e.index = index; raise
-
-Predictor._tile = _tile
-
-def predict(self:Predictor, images, models='both') -> list[dict]:
-    "Per image, per model: label, p_ssa, logit, threshold, rule, model, version, timings_ms. Images: bytes or uint8 tiles."
-    names = self.names(models)
-    if isinstance(images, (bytes, bytearray, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
-        images = [images]
-    sizes = {self.models[n][0]['input']['shape'][2] for n in names}
-    t0, tiles = time.perf_counter(), {}
-    for size in sizes:
-        tiles[size] = np.stack([self._tile(im, size, i) for i, im in enumerate(images)])
-    t_decode = _ms(t0)
-    out = [dict() for _ in range(len(images))]
-    for n in names:
-        m, s = self.models[n]
-        t0 = time.perf_counter(); x = preprocess(tiles[m['input']['shape'][2]], m); t_pre = _ms(t0)
-        t0 = time.perf_counter(); logit = onnx_logits(s, x); t_inf = _ms(t0)
-        for i, (z, p) in enumerate(zip(logit.tolist(), sigmoid(logit).tolist())):
-            out[i][n] = dict(label=m['class_names'][int(p >= m['threshold'])], p_ssa=p, logit=z, threshold=m['threshold'],
-                             threshold_rule=m['threshold_rule'], model=m['model'], version=m['sha256'][:12],
-                             timings_ms=dict(decode=t_decode, preprocess=t_pre, infer=t_inf))
-    return out
-
-Predictor.predict = predict
-
-# %% ../nbs/20_serve.ipynb #34ba60a4
+# %% ../nbs/20_serve.ipynb #ba2a68f1
 class ExplainTimeout(RuntimeError):
     "An explanation that cannot finish within its time budget."
 
-# %% ../nbs/20_serve.ipynb #da45f78e
-def occlusion_map(manifest:dict, session, tile, patch:int=32, stride:int=32, batch:int=64, budget_s:float|None=None) -> dict:
+# %% ../nbs/20_serve.ipynb #7c521ec9
+def occlusion_map(manifest:dict,               # the model's manifest (normalisation, input size)
+                  session,                     # its ONNX Runtime session
+                  tile,                        # one RGB uint8 tile (H, W, 3)
+                  patch:int=32,                # side of the square hidden at a time, in pixels
+                  stride:int=32,               # step between patches, in pixels
+                  batch:int=64,                # occluded copies per inference
+                  budget_s:float|None=None     # stop (ExplainTimeout) when the map would take longer than this
+                 ) -> dict:
     "P(SSA) minus P(SSA) with each `patch` square (every `stride` pixels) set to the training mean: a (rows, cols) map."
     t0 = time.perf_counter()
     x = preprocess(tile, manifest)[0]
@@ -273,13 +193,104 @@ def occlusion_map(manifest:dict, session, tile, patch:int=32, stride:int=32, bat
     return dict(map=drop.reshape(len(tops), len(lefts)), p_ssa=p0, patch=patch, stride=stride,
                 seconds=round(time.perf_counter() - t0, 4))
 
-# %% ../nbs/20_serve.ipynb #431cddfa
-def explain(self:Predictor, image, model:str|None=None, patch:int=32, stride:int=32, budget_s:float|None=None) -> dict:
-    "The occlusion map of one image (bytes or tile) for one model (default: `vit`, else the first default model)."
-    name = model or ('vit' if 'vit' in self.models else self.default[0])
-    if name not in self.models: raise KeyError(f'unknown model {name!r}; available: {list(self.models)}')
-    m, s = self.models[name]
-    r = occlusion_map(m, s, self._tile(image, m['input']['shape'][2], 0), patch, stride, budget_s=budget_s)
-    return dict(model=name, label=m['class_names'][int(r['p_ssa'] >= m['threshold'])], threshold=m['threshold'], **r)
+# %% ../nbs/20_serve.ipynb #14e805b6
+class ModelError(RuntimeError):
+    "A model that cannot be served; the message names the file."
 
-Predictor.explain = explain
+# %% ../nbs/20_serve.ipynb #dc90671b
+def manifest_paths(models) -> list[Path]:
+    "Manifest files of `models`: a folder (its `manifest_*.json`), one manifest file, or a list of either."
+    if isinstance(models, (str, Path)): models = [models]
+    out = []
+    for p in map(Path, models):
+        if p.is_dir():
+            found = sorted(p.glob('manifest_*.json'))
+            if not found: raise ModelError(f'no manifest_*.json in {p} (run the pipeline, e.g. make demo, or point at its reports folder)')
+            out += found
+        elif p.is_file(): out.append(p)
+        else: raise ModelError(f'model folder or manifest not found: {p}')
+    return out
+
+# %% ../nbs/20_serve.ipynb #3504695c
+def model_name(manifest_path) -> str:
+    "`manifest_vit.int8.json` -> `vit.int8`."
+    stem = Path(manifest_path).name[:-len('.json')]
+    return stem[len('manifest_'):] if stem.startswith('manifest_') else stem
+
+# %% ../nbs/20_serve.ipynb #1efd9150
+def _open_models(models, threads:int|None=None) -> dict:
+    "Model name -> (manifest with its `path`, session) for every manifest of `models`; a ModelError naming a file that fails."
+    out = {}
+    for p in manifest_paths(models):
+        name = model_name(p)
+        if name in out: raise ModelError(f'two manifests for model {name!r}: {p} and {out[name][0]["path"]}')
+        try: m, s = open_model(p, threads)
+        except (ValueError, FileNotFoundError) as e: raise ModelError(str(e)) from None
+        except Exception as e:                                 # ONNX Runtime cannot load the file
+            raise ModelError(f'{p}: the model file cannot be loaded by ONNX Runtime ({type(e).__name__}: {e})') from None
+        out[name] = ({**m, 'path': str(p)}, s)
+    return out
+
+# %% ../nbs/20_serve.ipynb #6e8fe834
+def _image_list(images) -> list:
+    "A request's images as a list: one image (bytes, or an (H, W, 3) tile) becomes a list of one."
+    one = isinstance(images, (bytes, bytearray)) or (isinstance(images, np.ndarray) and images.ndim != 4)
+    return [images] if one else images
+
+def _tile(im, size:int, resize:str, index:int) -> np.ndarray:
+    "Image `index` of a request (bytes, or a decoded tile) as a uint8 tile; an `ImageError` raised here knows its `index`."
+    if not isinstance(im, (bytes, bytearray)): return np.asarray(im, np.uint8)
+    try: return decode_image(bytes(im), size, resize)
+    except ImageError as e: e.index = index; raise
+
+# %% ../nbs/20_serve.ipynb #def1ddc3
+def _ms(t0): return round((time.perf_counter() - t0) * 1e3, 3)
+
+def _model_answers(m:dict, session, tiles:np.ndarray, t_decode:float) -> list[dict]:
+    "One model's answer for each tile of the uint8 batch `tiles` (N, H, W, 3), with the decoding time `t_decode` (ms)."
+    t0 = time.perf_counter(); x = preprocess(tiles, m); t_pre = _ms(t0)
+    t0 = time.perf_counter(); logit = onnx_logits(session, x); t_inf = _ms(t0)
+    return [dict(label=m['class_names'][int(p >= m['threshold'])], p_ssa=p, logit=z, threshold=m['threshold'],
+                 threshold_rule=m['threshold_rule'], model=m['model'], version=m['sha256'][:12],
+                 timings_ms=dict(decode=t_decode, preprocess=t_pre, infer=t_inf))
+            for z, p in zip(logit.tolist(), sigmoid(logit).tolist())]
+
+# %% ../nbs/20_serve.ipynb #81b6381e
+class Predictor:
+    "One verified ONNX Runtime session per manifest, loaded once; predicts tiles with each model's own threshold."
+    def __init__(self, models, threads:int|None=None, resize:str='reject', default=None):
+        if resize not in RESIZE_POLICIES: raise ValueError(f'resize must be one of {RESIZE_POLICIES}, got {resize!r}')
+        self.resize, self.models = resize, _open_models(models, threads)
+        self.default = list(default) if default else [n for n in self.models if '.' not in n] or list(self.models)
+
+    def names(self, which='both') -> list[str]:
+        "Model names for `which`: 'both' (the default set), 'all', one name, or a list; a KeyError names unknown ones."
+        if which in (None, 'both'): return list(self.default)
+        if which == 'all': return list(self.models)
+        names = [which] if isinstance(which, str) else list(which)
+        unknown = [n for n in names if n not in self.models]
+        if unknown: raise KeyError(f'unknown model(s) {unknown}; available: {list(self.models)}, both, all')
+        return names
+
+    def info(self) -> list[dict]:
+        "Each model's manifest without paths (what `GET /models` shows)."
+        drop = ('path', 'onnx_path', 'onnx')
+        return [dict(name=n, version=m['sha256'][:12], **{k: v for k, v in m.items() if k not in drop})
+                for n, (m, _) in self.models.items()]
+
+    def predict(self, images, models='both') -> list[dict]:
+        "Per image, per model: label, p_ssa, logit, threshold, rule, model, version, timings_ms. Images: bytes or uint8 tiles."
+        names, images, t0 = self.names(models), _image_list(images), time.perf_counter()
+        size = {n: self.models[n][0]['input']['shape'][2] for n in names}
+        tiles = {k: np.stack([_tile(im, k, self.resize, i) for i, im in enumerate(images)]) for k in set(size.values())}
+        t_decode = _ms(t0)
+        answers = {n: _model_answers(*self.models[n], tiles[size[n]], t_decode) for n in names}
+        return [{n: answers[n][i] for n in names} for i in range(len(images))]
+
+    def explain(self, image, model:str|None=None, patch:int=32, stride:int=32, budget_s:float|None=None) -> dict:
+        "The occlusion map of one image (bytes or tile) for one model (default: `vit`, else the first default model)."
+        name = model or ('vit' if 'vit' in self.models else self.default[0])
+        if name not in self.models: raise KeyError(f'unknown model {name!r}; available: {list(self.models)}')
+        m, s = self.models[name]
+        r = occlusion_map(m, s, _tile(image, m['input']['shape'][2], self.resize, 0), patch, stride, budget_s=budget_s)
+        return dict(model=name, label=m['class_names'][int(r['p_ssa'] >= m['threshold'])], threshold=m['threshold'], **r)

@@ -5,16 +5,17 @@
 # %% auto #0
 __all__ = ['W_TOY', 'B_TOY', 'MEAN', 'STD', 'toy_onnx', 'expected_logit', 'patch_onnx', 'write_toy_manifest', 'toy_model_dir']
 
-# %% ../nbs/25_toy_models.ipynb #0594353e
+# %% ../nbs/25_toy_models.ipynb #c9dbe923
 import json
 from pathlib import Path
 import numpy as np
 from .serve import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sha256
 
-# %% ../nbs/25_toy_models.ipynb #18dd2231
+# %% ../nbs/25_toy_models.ipynb #9183eedc
 W_TOY, B_TOY = np.array([[2.0], [-1.5], [0.7]], np.float32), np.array([0.1], np.float32)
 MEAN, STD = [0.7, 0.6, 0.75], [0.2, 0.25, 0.17]
 
+# %% ../nbs/25_toy_models.ipynb #d7c70886
 def _save(nodes, inits, path, size:int) -> Path:
     "Save a graph image (N, 3, S, S) -> logit (N, 1) made of `nodes` and initialisers `inits` (name -> array)."
     from onnx import helper, TensorProto, numpy_helper, save
@@ -24,6 +25,7 @@ def _save(nodes, inits, path, size:int) -> Path:
     save(helper.make_model(g, opset_imports=[helper.make_opsetid('', 18)]), str(path))
     return Path(path)
 
+# %% ../nbs/25_toy_models.ipynb #853ab7c8
 def toy_onnx(path, size:int=224) -> Path:
     "A linear model on per-channel means, `logit = mean_hw(x) @ W_TOY + B_TOY`: image (N, 3, S, S) -> logit (N, 1)."
     from onnx import helper
@@ -31,13 +33,13 @@ def toy_onnx(path, size:int=224) -> Path:
              helper.make_node('MatMul', ['m', 'W'], ['z']), helper.make_node('Add', ['z', 'B'], [OUTPUT_NAME])]
     return _save(nodes, dict(axes=np.array([2, 3], np.int64), W=W_TOY, B=B_TOY), path, size)
 
-# %% ../nbs/25_toy_models.ipynb #ccd614b3
+# %% ../nbs/25_toy_models.ipynb #dc88781f
 def expected_logit(tile) -> float:
     "The toy models' logit for one RGB uint8 tile (H, W, 3), computed by hand with numpy."
     x = (np.asarray(tile, np.float64) / 255 - MEAN) / STD
     return float(x.mean((0, 1)) @ W_TOY[:, 0] + B_TOY[0])
 
-# %% ../nbs/25_toy_models.ipynb #0d5b95ff
+# %% ../nbs/25_toy_models.ipynb #372b7fe3
 def patch_onnx(path, box=(64, 128, 32), size:int=224) -> Path:
     "A model that reads only the square `box` = (top, left, side): `logit = mean over the box(x) @ W_TOY + B_TOY`."
     from onnx import helper
@@ -49,18 +51,18 @@ def patch_onnx(path, box=(64, 128, 32), size:int=224) -> Path:
                  W=W_TOY, B=B_TOY)
     return _save(nodes, inits, path, size)
 
-# %% ../nbs/25_toy_models.ipynb #a1060d02
+# %% ../nbs/25_toy_models.ipynb #33af9479
 def write_toy_manifest(d, name:str, onnx_path, threshold:float=0.5) -> Path:
     "`manifest_{name}.json` in `d` for the model file `onnx_path`, in the layout 13_onnx writes."
     d, p = Path(d), Path(onnx_path)
     m = dict(model=f'toy_{name}', family=name.split('.')[0], onnx=p.name, sha256=sha256(p),
              input=dict(name=INPUT_NAME, shape=[None, 3, 224, 224], dtype='float32'),
-             output=dict(name=OUTPUT_NAME, activation='sigmoid', positive_class='SSA'), mean=MEAN, std=STD,
+             output=dict(name=OUTPUT_NAME, activation='sigmoid', positive_class=CLASS_NAMES[1]), mean=MEAN, std=STD,
              class_names=list(CLASS_NAMES), threshold=threshold, threshold_rule='spec_at_sens')
     (d/f'manifest_{name}.json').write_text(json.dumps(m))
     return d/f'manifest_{name}.json'
 
-# %% ../nbs/25_toy_models.ipynb #836ae8ff
+# %% ../nbs/25_toy_models.ipynb #74160f86
 def toy_model_dir(d, families=('mlp', 'vit'), thresholds=(0.4, 0.6), patch_box=None) -> Path:
     "A folder of toy models with manifests (`manifest_{family}.json`); with `patch_box`, also `patch`, reading that box only."
     d = Path(d); d.mkdir(parents=True, exist_ok=True)
