@@ -16,6 +16,8 @@ from conftest import ROOT, BIN
 
 DOCKER = ROOT/'docker'
 DOCKERFILES = sorted(DOCKER.glob('*.Dockerfile'))
+TRACKING_DF = DOCKER/'tracking.Dockerfile'                 # the shared MLflow server (docker-compose.tracking.yml)
+SERVING_DOCKERFILES = [d for d in DOCKERFILES if d != TRACKING_DF]
 API_DF, LAMBDA_DF, APP_DF = DOCKER/'api.Dockerfile', DOCKER/'lambda.Dockerfile', DOCKER/'app.Dockerfile'
 COMPOSE = ROOT/'docker-compose.yml'
 SCHEMA = ROOT/'tests'/'schemas'/'compose_spec.json'
@@ -123,7 +125,7 @@ def test_requirements_serve_is_the_serve_extra():
     assert not names & {'torch', 'torchvision', 'timm', 'mlflow'}, names
 
 
-@pytest.mark.parametrize('dockerfile', DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize('dockerfile', SERVING_DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_structure(dockerfile):
     ins = instructions(dockerfile)
     for s in stages(dockerfile):                           # every base image pinned to a tag (or digest), never latest
@@ -142,6 +144,18 @@ def test_dockerfile_structure(dockerfile):
         assert '--no-cache-dir' in a, a
     assert any('--no-deps' in a for a in installs), f'{dockerfile.name} never installs the package with --no-deps'
     assert any('requirements-serve.txt' in a for a in installs)
+
+
+def test_tracking_image_structure():
+    "The tracking server's image: pinned base and requirements, not root, the entrypoint the tests run, a health check."
+    base, = [s['base'] for s in stages(TRACKING_DF)]
+    assert re.search(r':[\w.-]+$', base) and not base.endswith(':latest'), base
+    assert effective(TRACKING_DF, 'USER')[-1] not in ('root', '0')
+    assert exec_form(effective(TRACKING_DF, 'ENTRYPOINT')[-1]) == ['/usr/local/bin/tracking-entrypoint.sh']
+    assert effective(TRACKING_DF, 'HEALTHCHECK')
+    reqs = [l for l in (DOCKER/'requirements-tracking.txt').read_text().splitlines() if l and not l.startswith('#')]
+    assert reqs and all(re.match(r'^[\w.\[\]-]+==[\w.]+$', r) for r in reqs), reqs      # every package pinned
+    assert not any(r.startswith('torch') for r in reqs)
 
 
 def test_api_image_specifics():
