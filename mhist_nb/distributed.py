@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_distributed.ipynb #19dbe8e3
 from __future__ import annotations
-import json, math, os, sys, time, warnings
+import json, math, os, time
 from pathlib import Path
 import pandas as pd
 

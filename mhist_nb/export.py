@@ -13,7 +13,6 @@ import numpy as np, pandas as pd, torch
 from torch import nn
 import onnx, onnxruntime as ort
 from PIL import Image
-from sklearn.metrics import roc_curve
 from .data import MHISTData
 from .metrics import all_metrics
 from .models import create, count_parameters
@@ -28,7 +27,7 @@ __all__ = ['INT8_OPS', 'INT8_QUANTIZATION', 'DEMO_MODELS', 'MANIFEST_METRICS', '
            'model_from_run', 'read_threshold', 'log_artifacts', 'validation_tiles', 'run_validation_tiles', 'demo_run',
            'demo_runs', 'batched_logits', 'export_fp32', 'export_int8', 'training_agreement', 'compare_formats',
            'manifest_metrics', 'export_source', 'write_manifests', 'size_rows', 'export_run', 'pixel_stats',
-           'threshold_by_roc_curve', 'expected_threshold', 'audit_manifest', 'audit_export']
+           'expected_threshold', 'audit_manifest', 'audit_export']
 
 # %% ../nbs/07_export.ipynb #4b342384
 @contextmanager
@@ -367,17 +366,8 @@ def pixel_stats(folder, names) -> tuple:
         s, s2, n = s + x.sum(0), s2 + (x * x).sum(0), n + len(x)
     return s / n / 255, np.sqrt(s2 / n - (s / n) ** 2) / 255
 
-# %% ../nbs/07_export.ipynb #f9a52b85
-def threshold_by_roc_curve(y, p, rule:str, target_tpr:float=0.9, cost_fn:float=5.0, cost_fp:float=1.0) -> float:
-    "A rule's threshold recomputed from scikit-learn's roc_curve: its definition over every candidate, ties to the larger."
-    if rule == 'fixed': return 0.5
-    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
-    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    tp, fp, thr = np.rint(tpr[1:] * n_pos), np.rint(fpr[1:] * n_neg), thr[1:]     # less the point that calls nothing
-    fn = n_pos - tp
-    score = dict(youden=tp / n_pos - fp / n_neg, max_f2=5 * tp / (5 * tp + 4 * fn + fp),
-                 spec_at_sens=(tp / n_pos >= target_tpr - 1e-12).astype(float), cost=-(cost_fn * fn + cost_fp * fp))[rule]
-    return float(thr[np.flatnonzero(score >= score.max() - 1e-12)[0]])
+# %% ../nbs/07_export.ipynb #511511d6
+from .report import threshold_by_roc_curve
 
 # %% ../nbs/07_export.ipynb #c7947f00
 def expected_threshold(out_dir, family:str) -> tuple:
