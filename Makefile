@@ -89,7 +89,8 @@ gpu-check:
 LIBRARY_NBS = $(shell grep -l '"\#| default_exp' nbs/*.ipynb)
 outputs: $(STAMP)
 	@scratch=$$(mktemp -d -t mhist-outputs-XXXXXX) && trap 'rm -rf "$$scratch"' EXIT && \
-	  for nb in $(LIBRARY_NBS); do echo "$$nb"; TMPDIR="$$scratch" $(BIN)/nbdev-test "$$nb" --flags slow --save || exit 1; done
+	  for nb in $(LIBRARY_NBS); do echo "$$nb"; TMPDIR="$$scratch" TQDM_DISABLE=1 PYTHONWARNINGS='ignore:IProgress not found' \
+	    MLFLOW_LOGGING_LEVEL=WARNING $(BIN)/nbdev-test "$$nb" --flags slow --save || exit 1; done
 	$(BIN)/nbdev-clean
 
 readme: $(STAMP)
