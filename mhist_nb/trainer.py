@@ -188,6 +188,7 @@ class Trainer:
         self.callbacks, self.quiet, self.save_last = list(callbacks), quiet, save_last
         self.history, self.best, self.best_any, self.best_state = [], None, None, None
         self.epoch, self.stage, self.stage_start, self.opt, self.sched = -1, 'full', 0, None, None
+        self.stop_requested = None      # a reason set by a callback (an Optuna pruner): training ends after this epoch
 
 # %% ../nbs/05_trainer.ipynb #4143fae6
 @patch
@@ -427,6 +428,9 @@ def _stage(self:Trainer, train_dl, val_dl, end:int, lr:float, ck:dict|None=None)
     for r in (r for r in self.history if r['stage'] == self.stage):          # replay early stopping on resume
         best_loss, bad = _patience_step(best_loss, bad, r['val_loss'], min_delta)
     for epoch in tqdm(range(start, end), desc=f'{self.stage} stage', disable=self.quiet, leave=False):
+        if self.stop_requested:
+            if not self.quiet: print(f'stopped before epoch {epoch}: {self.stop_requested}')
+            break
         if patience is not None and bad >= patience:
             if not self.quiet: print(f'early stop before epoch {epoch}: val loss did not improve for {bad} epochs')
             break
