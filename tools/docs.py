@@ -135,8 +135,29 @@ def _page(body: str, nav: str, title: str = '', description: str = '') -> str:
     body = re.sub(r'(<body[^>]*>)', r'\1<div class="mhist-layout">' + nav.replace('\\', r'\\') + '<main class="mhist-main">'
                   + top.replace('\\', r'\\'), body, count=1)
     body = body.replace('</body>', '</main></div></body>', 1)
+    body = _SOURCE_LINK.sub(_source_link, body)
     body = re.sub(r'href="/([^"/][^"]*)"', r'href="\1"', body)                   # nbdev's site-absolute links
     return re.sub(r'href="(\d\d_[\w]+|index)\.ipynb', lambda m: f'href="{_html_name(m[1])}', body)
+
+
+_CELL_KEYS = {'code': {'cell_type', 'id', 'metadata', 'source', 'outputs', 'execution_count'},
+              'markdown': {'cell_type', 'id', 'metadata', 'source', 'attachments'},
+              'raw': {'cell_type', 'id', 'metadata', 'source', 'attachments'}}
+
+
+def _plain_cell(cell):
+    "`cell` without what nbdev's processing adds (`has_sd`, timing metadata), which nbformat's schema rejects."
+    for k in set(cell) - _CELL_KEYS[cell.cell_type]: del cell[k]
+    cell.metadata.pop('execution', None)
+    return cell
+
+
+_SOURCE_LINK = re.compile(r'<p><a href="([^"]*)">source</a>\{target="_blank" style="([^"]*)"\}</p>')
+
+
+def _source_link(m) -> str:
+    "show_doc's [source] link (Quarto attribute syntax) as HTML; dropped when no `git_url` makes it a full address."
+    return f'<p><a href="{m[1]}" target="_blank" style="{m[2]}">source</a></p>' if m[1].startswith('http') else ''
 
 
 def _html_name(stem: str) -> str:
@@ -173,7 +194,7 @@ def _site(proc: Path, out: Path, reports: Path | None, root: Path) -> Path:
     exporter = HTMLExporter(template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True)
     exporter.register_preprocessor(QuartoOptions(), enabled=True)
     for href, (nb, fm) in nbs.items():
-        nb.cells = [c for c in nb.cells if not (c.cell_type == 'raw' and c.source.lstrip().startswith('---'))]
+        nb.cells = [_plain_cell(c) for c in nb.cells if not (c.cell_type == 'raw' and c.source.lstrip().startswith('---'))]
         body, _ = exporter.from_notebook_node(nb, resources={'metadata': {'name': fm.get('title', href)}})
         (out/href).write_text(_page(body, _nav(pages, href), fm.get('title', ''), fm.get('description', '')))
     for p in reps:
