@@ -14,17 +14,16 @@ from torchvision.transforms import v2
 from .serve import CLASS_NAMES
 
 # %% auto #0
-__all__ = ['COLUMNS', 'SHORT_NAMES', 'CLASSES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 'RGB_FROM_HED', 'HED_FROM_RGB',
-           'MHISTError', 'check_annotations', 'check_image', 'read_mhist', 'add_split', 'fingerprint',
-           'disk_cache_file', 'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats',
-           'draw_augment', 'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform',
-           'MHISTDataset', 'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler',
-           'default_workers', 'resolve_data_device', 'DeviceLoader', 'MHISTData']
+__all__ = ['COLUMNS', 'SHORT_NAMES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 'RGB_FROM_HED', 'HED_FROM_RGB', 'MHISTError',
+           'check_annotations', 'check_image', 'read_mhist', 'add_split', 'fingerprint', 'disk_cache_file',
+           'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats', 'draw_augment',
+           'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform', 'MHISTDataset',
+           'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler', 'default_workers',
+           'resolve_data_device', 'DeviceLoader', 'MHISTData']
 
 # %% ../nbs/00_data.ipynb #6c635d8a
 COLUMNS = ('Image Name', 'Majority Vote Label', 'Number of Annotators who Selected SSA (Out of 7)', 'Partition')
 SHORT_NAMES = dict(zip(COLUMNS, ('name', 'label', 'votes', 'partition')))
-CLASSES = CLASS_NAMES        # ('HP', 'SSA'): the index is the target, SSA = 1 is the positive class (an alias)
 PARTITIONS = ('train', 'test')
 N_ANNOTATORS = 7
 TILE_SIZE = 224
