@@ -11,12 +11,13 @@ import numpy as np, pandas as pd, yaml
 
 # %% auto #0
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
-           'TQDM_WARNING_FILTER', 'TRACKING_WAYS_OUT', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS', 'ParamsError',
-           'project_notebook', 'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members', 'coerce',
-           'dict_fields', 'check_param', 'load_params', 'is_weights_path', 'notebook_params', 'notebook_timeout',
-           'NotebookError', 'to_html', 'kernel_env', 'run_notebook', 'TrackingUnavailable', 'check_tracking',
-           'start_run', 'finish_run', 'path_problems', 'check_paths', 'ensure_data', 'run_pipeline', 'logged_metrics',
-           'trial_metric', 'sweep_configs', 'load_sweep', 'run_sweep', 'sagemaker_main']
+           'MLFLOW_RETRY_BOUNDS', 'TQDM_WARNING_FILTER', 'TRACKING_WAYS_OUT', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS',
+           'ParamsError', 'project_notebook', 'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members',
+           'coerce', 'dict_fields', 'check_param', 'load_params', 'is_weights_path', 'notebook_params',
+           'notebook_timeout', 'NotebookError', 'to_html', 'mlflow_retry_bounds', 'kernel_env', 'run_notebook',
+           'TrackingUnavailable', 'check_tracking', 'start_run', 'wait_for_tracking', 'finish_run', 'path_problems',
+           'check_paths', 'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs',
+           'load_sweep', 'run_sweep', 'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
 DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
@@ -392,6 +393,14 @@ def to_html(nb_path) -> Path:
     out = nb_path.with_suffix('.html'); out.write_text(body, encoding='utf-8')
     return out
 
+# %% ../nbs/30_pipeline.ipynb #b4a92bad
+MLFLOW_RETRY_BOUNDS = dict(MLFLOW_HTTP_REQUEST_MAX_RETRIES='2', MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR='1',
+                           MLFLOW_HTTP_REQUEST_TIMEOUT='20')
+
+def mlflow_retry_bounds() -> dict:
+    "MLflow's HTTP retry settings for pipeline runs: `MLFLOW_RETRY_BOUNDS`, unless the environment sets them."
+    return {k: os.environ.get(k, v) for k, v in MLFLOW_RETRY_BOUNDS.items()}
+
 # %% ../nbs/30_pipeline.ipynb #acbb8e80
 TQDM_WARNING_FILTER = 'ignore:IProgress not found'     # the -W form of the one warning dropped from reports
 
@@ -399,7 +408,7 @@ def kernel_env(extra:dict|None=None) -> dict:
     "Environment changes (for `_env`) under which a report's kernel runs: no progress bars or tqdm widget warning, then `extra`."
     warnings = ','.join(w for w in (os.environ.get('PYTHONWARNINGS'), TQDM_WARNING_FILTER) if w)
     return dict(MPLBACKEND=None, TQDM_DISABLE='1', PYTHONWARNINGS=warnings,
-                MLFLOW_LOGGING_LEVEL=os.environ.get('MLFLOW_LOGGING_LEVEL', 'WARNING'), **(extra or {}))
+                MLFLOW_LOGGING_LEVEL=os.environ.get('MLFLOW_LOGGING_LEVEL', 'WARNING'), **mlflow_retry_bounds(), **(extra or {}))
 
 # %% ../nbs/30_pipeline.ipynb #a8f0677d
 def _mark_failed(out_nb:Path, ename:str, evalue:str) -> tuple:
@@ -502,6 +511,7 @@ def _client():
     from mhist_nb.tracking import tracking_uri
     uri = tracking_uri()
     check_tracking(uri)
+    for k, v in mlflow_retry_bounds().items(): os.environ.setdefault(k, v)
     return MlflowClient(uri), uri
 
 # %% ../nbs/30_pipeline.ipynb #a47e2d68
@@ -523,12 +533,34 @@ def start_run(client,                 # an `MlflowClient`
     client.log_batch(run.info.run_id, params=[Param(f'nb.{k}', v) for k, v in flatten(params).items()])
     return run.info.run_id
 
+# %% ../nbs/30_pipeline.ipynb #ff2d13c8
+def wait_for_tracking(uri:str, patience:float|None=None, poll:float=1.0) -> bool:
+    "Wait up to `patience` s (`MHIST_TRACKING_RECOVERY_S`, default 60) for the tracking server at `uri`; True once it answers."
+    patience = float(os.environ.get('MHIST_TRACKING_RECOVERY_S', 60)) if patience is None else patience
+    t_end = time.monotonic() + patience
+    while True:
+        try: check_tracking(uri, timeout=min(5.0, max(poll, 0.5))); return True
+        except TrackingUnavailable:
+            if time.monotonic() >= t_end: return False
+            time.sleep(poll)
+
 # %% ../nbs/30_pipeline.ipynb #599b4021
-def finish_run(client, run_id:str, out_nb:Path, ok:bool):
-    "Attach the executed notebook (and HTML) to the run and close it."
-    for f in (out_nb, out_nb.with_suffix('.html')):
-        if f.is_file(): client.log_artifact(run_id, str(f), 'notebook')
-    client.set_terminated(run_id, 'FINISHED' if ok else 'FAILED')
+def finish_run(client, run_id:str, out_nb:Path, ok:bool, mark:Path|None=None, uri:str|None=None) -> bool:
+    "Attach the executed notebook (and HTML) to the run, tag it incomplete if its tracking failed midway (`mark`), close it."
+    from mlflow.entities import RunTag
+    from mhist_nb.tracking import try_mlflow
+    failed = json.loads(Path(mark).read_text()) if mark and Path(mark).is_file() else None
+    if failed and uri: wait_for_tracking(uri)              # the server went away during the notebook: give it time to return
+    def close():
+        if failed: client.log_batch(run_id, tags=[RunTag('mhist.tracking', 'incomplete'),
+                                                   RunTag('mhist.tracking_failed_while', failed['failed_while'][:500])])
+        for f in (out_nb, out_nb.with_suffix('.html')):
+            if f.is_file(): client.log_artifact(run_id, str(f), 'notebook')
+        client.set_terminated(run_id, 'FINISHED' if ok else 'FAILED')
+        return True
+    done = try_mlflow(f'closing run {run_id}: it stays RUNNING in the store (its notebook is {out_nb})', close, default=False)
+    if done and failed: Path(mark).unlink()
+    return done
 
 # %% ../nbs/30_pipeline.ipynb #df8f3c71
 def _data_dir_problem(d) -> str|None:
@@ -569,11 +601,18 @@ def _notebook_run(client, uri, cfg:dict, key:str, params:dict, name:str) -> str|
     "Start the MLflow run of notebook `key` when it trains and tracking is on; its id, else None."
     if client is None or 'experiment' not in cfg['_declared'][key] or not params.get('tracking', True): return None
     exp = params.get('experiment') or cfg['_declared'][key]['experiment'].strip('\'"')
-    return start_run(client, uri, exp, f'{name}/{key}', params, tags={'mhist.pipeline': name, 'mhist.notebook': key})
+    from mhist_nb.tracking import try_mlflow
+    return try_mlflow(f'starting the run of {key} at {uri}; {key} runs without tracking', start_run, client, uri, exp,
+                      f'{name}/{key}', params, tags={'mhist.pipeline': name, 'mhist.notebook': key})
 
-def _run_env(uri, run_id) -> dict|None:
-    "The kernel's variables that make it log into MLflow run `run_id` (None: no run)."
-    return dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=run_id) if run_id else None
+def _run_env(uri, run_id, mark:Path|None=None) -> dict|None:
+    "The kernel's variables that make it log into MLflow run `run_id` (and note a tracking failure in `mark`); None: no run."
+    if not run_id: return None
+    return dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=run_id, **({'MHIST_TRACKING_INCOMPLETE': str(mark)} if mark else {}))
+
+def _incomplete_mark(out:Path, run_id) -> Path|None:
+    "Where a notebook's kernel notes that tracking failed midway in run `run_id` (see `finish_run`)."
+    return out/f'.tracking_incomplete_{run_id}.json' if run_id else None
 
 # %% ../nbs/30_pipeline.ipynb #dd495f45
 def _run_one(cfg:dict, nb, out:Path, name:str, client, uri, quiet:bool):
@@ -582,12 +621,12 @@ def _run_one(cfg:dict, nb, out:Path, name:str, client, uri, quiet:bool):
     if 'out_dir' in cfg['_declared'][key]: params.setdefault('out_dir', str(out))
     out_nb, run_id = out/f'{key}.ipynb', _notebook_run(client, uri, cfg, key, params, name)
     if not quiet: print(f'[{name}] {key}' + (f' (MLflow run {run_id})' if run_id else ''), flush=True)
-    t0, ok = time.perf_counter(), False
+    t0, ok, mark = time.perf_counter(), False, _incomplete_mark(out, run_id)
     try:
-        run_notebook(nb, out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=quiet, env=_run_env(uri, run_id))
+        run_notebook(nb, out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=quiet, env=_run_env(uri, run_id, mark))
         ok = True
     finally:
-        if run_id: finish_run(client, run_id, out_nb, ok)
+        if run_id: finish_run(client, run_id, out_nb, ok, mark, uri)
         if not quiet: print(f'[{name}] {key} {"done" if ok else "FAILED"} in {time.perf_counter() - t0:.0f} s', flush=True)
 
 # %% ../nbs/30_pipeline.ipynb #6efde0d9

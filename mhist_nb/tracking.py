@@ -140,6 +140,13 @@ class MLflowCallback(Callback):
         self.client = self.run_id = None
         self.own_run = False
 
+# %% ../nbs/06_tracking.ipynb #035bb14c
+def _mark_incomplete(what:str):
+    "Leave the reason tracking stopped in the file the pipeline named (`MHIST_TRACKING_INCOMPLETE`), if any."
+    if f := os.environ.get('MHIST_TRACKING_INCOMPLETE'):
+        try: Path(f).write_text(json.dumps(dict(failed_while=what, at=time.strftime('%Y-%m-%dT%H:%M:%S%z'))))
+        except OSError as e: warnings.warn(f'could not record the tracking failure in {f}: {e}')
+
 # %% ../nbs/06_tracking.ipynb #1ac12b7c
 @patch
 def _safe(self:MLflowCallback, what:str, fn, *args, **kw):
@@ -148,7 +155,7 @@ def _safe(self:MLflowCallback, what:str, fn, *args, **kw):
     failed = object()
     out = try_mlflow(f'{what} at {self.uri}; tracking is off for the rest of this run, training continues and '
                      'checkpoints stay on disk', fn, *args, default=failed, **kw)
-    if out is failed: self.enabled = False; return None
+    if out is failed: self.enabled = False; _mark_incomplete(what); return None
     return out
 
 # %% ../nbs/06_tracking.ipynb #2f4967ca

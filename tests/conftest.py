@@ -84,35 +84,47 @@ def sql(pg, query: str, db: str = 'mlflow') -> str:
 ENTRYPOINT = ROOT/'docker'/'tracking-entrypoint.sh'
 
 
-@pytest.fixture(scope='session')
-def tracking_server(postgres, tmp_path_factory):
+class TrackingServer:
     """The tracking image's command (docker/tracking-entrypoint.sh: `mlflow server` on PostgreSQL, proxied artifacts,
-    basic auth) run on loopback with the settings docker-compose.tracking.yml passes, a folder as the artifact store."""
-    tmp = tmp_path_factory.mktemp('mlflow-server')
-    admin_pw, port = secrets.token_urlsafe(12), free_port()
-    url = postgres['url']('mlflow')
-    env = {**os.environ, 'HOME': str(tmp), 'PATH': f"{MLFLOW.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           'POSTGRES_HOST': '127.0.0.1', 'POSTGRES_PORT': str(postgres['port']), 'POSTGRES_USER': 'mlflow',
-           'POSTGRES_PASSWORD': url.split(':')[2].split('@')[0], 'POSTGRES_DB': 'mlflow', 'MLFLOW_AUTH_DB': 'mlflow_auth',
-           'MLFLOW_ADMIN_PASSWORD': admin_pw, 'MLFLOW_ARTIFACTS_DESTINATION': (tmp/'artifacts').as_uri(),
-           'MLFLOW_HOST': '127.0.0.1', 'MLFLOW_PORT': str(port), 'MLFLOW_FLASK_SERVER_SECRET_KEY': secrets.token_hex(16)}
-    log = open(tmp/'server.log', 'w')
-    proc = subprocess.Popen([str(ENTRYPOINT)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f'http://127.0.0.1:{port}'
-    try:
-        for _ in range(240):
-            if proc.poll() is not None: pytest.fail(f'mlflow server exited: {(tmp/"server.log").read_text()[-3000:]}')
+    basic auth) on loopback with the settings docker-compose.tracking.yml passes, a folder as the artifact store."""
+    def __init__(self, postgres, tmp: Path):
+        self.tmp, self.port, self.proc = tmp, free_port(), None
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.auth = ('admin', secrets.token_urlsafe(12))
+        self.uri, self.artifacts, self.log = f'http://127.0.0.1:{self.port}', tmp/'artifacts', tmp/'server.log'
+        url = postgres['url']('mlflow')
+        self.env = {**os.environ, 'HOME': str(tmp), 'PATH': f"{MLFLOW.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    'POSTGRES_HOST': '127.0.0.1', 'POSTGRES_PORT': str(postgres['port']), 'POSTGRES_USER': 'mlflow',
+                    'POSTGRES_PASSWORD': url.split(':')[2].split('@')[0], 'POSTGRES_DB': 'mlflow', 'MLFLOW_AUTH_DB': 'mlflow_auth',
+                    'MLFLOW_ADMIN_PASSWORD': self.auth[1], 'MLFLOW_ARTIFACTS_DESTINATION': self.artifacts.as_uri(),
+                    'MLFLOW_HOST': '127.0.0.1', 'MLFLOW_PORT': str(self.port), 'MLFLOW_FLASK_SERVER_SECRET_KEY': secrets.token_hex(16)}
+
+    def start(self):
+        "Start the server (again, on the same port and store) and wait until it answers."
+        with open(self.log, 'a') as log:
+            self.proc = subprocess.Popen([str(ENTRYPOINT)], stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        for _ in range(360):
+            if self.proc.poll() is not None: pytest.fail(f'mlflow server exited: {self.log.read_text()[-3000:]}')
             try:
-                if requests.get(f'{uri}/health', timeout=5).ok: break
+                if requests.get(f'{self.uri}/health', timeout=5).ok: return self
             except requests.RequestException: pass      # not listening yet, or busy migrating the database
             time.sleep(0.5)
-        else: pytest.fail(f'mlflow server did not start: {(tmp/"server.log").read_text()[-3000:]}')
-        assert oct((tmp/'basic_auth.ini').stat().st_mode & 0o777) == '0o600'          # it holds the passwords
-        yield dict(uri=uri, auth=('admin', admin_pw), artifacts=tmp/'artifacts', log=tmp/'server.log')
-    finally:
-        os.killpg(proc.pid, 15)
-        try: proc.wait(20)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, 9)
-        log.close()
+        pytest.fail(f'mlflow server did not start: {self.log.read_text()[-3000:]}')
+
+    def stop(self):
+        "Stop the server and every process it started (uvicorn/gunicorn workers)."
+        if self.proc is None: return
+        try: os.killpg(self.proc.pid, 15)
+        except ProcessLookupError: pass
+        try: self.proc.wait(20)
+        except subprocess.TimeoutExpired: os.killpg(self.proc.pid, 9)
+        self.proc = None
 
 
+@pytest.fixture(scope='session')
+def tracking_server(postgres, tmp_path_factory):
+    "A shared MLflow server (`TrackingServer`) for the session: a dict of its uri, auth (admin), artifacts and log."
+    srv = TrackingServer(postgres, tmp_path_factory.mktemp('mlflow-server')).start()
+    assert oct((srv.tmp/'basic_auth.ini').stat().st_mode & 0o777) == '0o600'             # it holds the passwords
+    try: yield dict(uri=srv.uri, auth=srv.auth, artifacts=srv.artifacts, log=srv.log)
+    finally: srv.stop()

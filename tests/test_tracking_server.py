@@ -86,3 +86,52 @@ def test_pipeline_logs_into_the_shared_server(tracking_server, postgres, synth_d
     # the runs live in PostgreSQL, not in a local file somewhere
     assert sql(postgres, f"SELECT status FROM runs WHERE run_uuid = '{info['run_id']}'") == 'FINISHED'
     assert int(sql(postgres, "SELECT count(*) FROM metrics WHERE key = 'val_auc'")) >= 2
+
+
+def test_server_down_mid_run(postgres, synth_dir, tmp_path):
+    """The server dies during training and comes back: training finishes, the checkpoint is kept, the notebook shows one
+    warning, tracking is off from the first failure, and the driver marks the run incomplete once the server answers."""
+    import time
+    from mlflow import MlflowClient
+    from conftest import BIN, TrackingServer
+    srv = TrackingServer(postgres, tmp_path/'server').start()
+    epochs = 12
+    params = tmp_path/'p.yaml'
+    params.write_text(yaml.safe_dump({'name': 'down', 'run': ['10_train_mlp'],
+                                      'common': {'data_dir': str(synth_dir), 'seed': 0, 'quiet': True},
+                                      '10_train_mlp': {'epochs': epochs, 'experiment': 'mhist-down', 'log_checkpoint': False}}))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(('MHIST_', 'MLFLOW_'))},
+           'MLFLOW_TRACKING_URI': srv.uri, 'MLFLOW_TRACKING_USERNAME': srv.auth[0], 'MLFLOW_TRACKING_PASSWORD': srv.auth[1]}
+    run = subprocess.Popen([str(BIN/'mhist'), 'run', str(params), '--reports', str(tmp_path/'reports'), '--quiet'], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.environ.update(MLFLOW_TRACKING_USERNAME=srv.auth[0], MLFLOW_TRACKING_PASSWORD=srv.auth[1])
+    try:
+        client = MlflowClient(srv.uri)
+        rid, t_end = None, time.monotonic() + 300
+        while time.monotonic() < t_end and run.poll() is None:          # until the first epoch is logged
+            exp = client.get_experiment_by_name('mhist-down')
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and client.get_metric_history(runs[0].info.run_id, 'val_auc'):
+                rid = runs[0].info.run_id; break
+            time.sleep(0.3)
+        assert rid and run.poll() is None, 'training ended before the server could be stopped'
+        srv.stop()                                                        # the server dies mid-run...
+        time.sleep(3)
+        srv.start()                                                       # ...and comes back
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-3000:]
+        rep = tmp_path/'reports'/'down'
+        assert (rep/'ckpt_mlp_small'/'best.pt').is_file() and (rep/'predictions_mlp_test.csv').is_file()
+        import nbformat
+        nb = nbformat.read(rep/'10_train_mlp.ipynb', as_version=4)
+        texts = ''.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
+        assert texts.count('UserWarning: MLflow failed while') == 1, texts[-3000:]         # one warning, then silence
+        r = client.get_run(rid)
+        assert r.info.status == 'FINISHED' and r.data.tags.get('mhist.tracking') == 'incomplete', r.data.tags
+        assert len(client.get_metric_history(rid, 'val_auc')) < epochs                    # nothing logged after the failure
+        assert 'notebook/10_train_mlp.ipynb' in {a.path for a in client.list_artifacts(rid, 'notebook')}
+        assert not list(rep.glob('.tracking_incomplete_*'))
+    finally:
+        for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): os.environ.pop(k, None)
+        if run.poll() is None: run.kill()
+        srv.stop()
