@@ -69,7 +69,8 @@ def postgres():
         for q in (f"CREATE ROLE mlflow LOGIN PASSWORD '{pw}'", 'CREATE DATABASE mlflow OWNER mlflow',
                     'CREATE DATABASE mlflow_auth OWNER mlflow', 'CREATE DATABASE optuna OWNER mlflow'):
             as_pg(['psql', '-h', d, '-p', port, '-U', 'postgres', '-v', 'ON_ERROR_STOP=1', '-c', q])
-        yield dict(port=port, dir=d, url=lambda db: f'postgresql://mlflow:{pw}@127.0.0.1:{port}/{db}')
+        yield dict(port=port, dir=d, url=lambda db: f'postgresql://mlflow:{pw}@127.0.0.1:{port}/{db}',
+                   admin_pw=secrets.token_urlsafe(12))   # MLflow's first admin: one for every server on this cluster's auth db
     finally:
         subprocess.run(['runuser', '-u', 'postgres', '--'] * (os.geteuid() == 0) + [str(PG_BIN/'pg_ctl'), '-D', str(d/'data'),
                         '-m', 'fast', 'stop'], capture_output=True)
@@ -90,7 +91,7 @@ class TrackingServer:
     def __init__(self, postgres, tmp: Path):
         self.tmp, self.port, self.proc = tmp, free_port(), None
         tmp.mkdir(parents=True, exist_ok=True)
-        self.auth = ('admin', secrets.token_urlsafe(12))
+        self.auth = ('admin', postgres['admin_pw'])
         self.uri, self.artifacts, self.log = f'http://127.0.0.1:{self.port}', tmp/'artifacts', tmp/'server.log'
         url = postgres['url']('mlflow')
         self.env = {**os.environ, 'HOME': str(tmp), 'PATH': f"{MLFLOW.parent}{os.pathsep}{os.environ.get('PATH', '')}",
