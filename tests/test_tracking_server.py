@@ -95,7 +95,7 @@ def test_server_down_mid_run(postgres, synth_dir, tmp_path):
     from mlflow import MlflowClient
     from conftest import BIN, TrackingServer
     srv = TrackingServer(postgres, tmp_path/'server').start()
-    epochs = 12
+    epochs = 20                                       # long enough to stop the server while it trains
     params = tmp_path/'p.yaml'
     params.write_text(yaml.safe_dump({'name': 'down', 'run': ['10_train_mlp'],
                                       'common': {'data_dir': str(synth_dir), 'seed': 0, 'quiet': True},
