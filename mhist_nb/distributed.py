@@ -33,9 +33,8 @@ DUPLICATE = 'duplicate_of'       # user attribute of a trial that was not run: t
 
 def duplicate_of(study, trial) -> int|None:
     "The number of an earlier trial of `study` with the same parameters as `trial` (which is not run then), else None."
-    mine = study._storage.get_trial(trial._trial_id).params
     for t in study.get_trials(deepcopy=False):
-        if t.number < trial.number and t.params == mine and DUPLICATE not in t.user_attrs: return t.number
+        if t.number < trial.number and t.params == trial.params and DUPLICATE not in t.user_attrs: return t.number
     return None
 
 # %% ../nbs/31_distributed.ipynb #5d8f4251
@@ -154,7 +153,7 @@ def _trial_runner(study, spec:dict, base:dict, out:Path, name:str, client, uri, 
         env = dict(zip(OPTUNA_ENV, (spec['storage'], study.study_name, str(trial._trial_id), epoch_metric(mon))))
         row = _run_trial(trial.number, config, _resolve_paths({**base, **config}), spec, out, name, client, uri, exp, parent, env)
         if row['run_id']: trial.set_user_attr('mlflow_run_id', row['run_id'])
-        pruned = 'pruned_at_epoch' in study._storage.get_trial(trial._trial_id).user_attrs
+        pruned = 'pruned_at_epoch' in study._storage.get_trial(trial._trial_id).user_attrs   # set by the kernel: read the store
         if pruned and row['run_id']: client.set_tag(row['run_id'], 'mhist.optuna', 'pruned')
         return dict(status=row['status'], value=row[mon], pruned=pruned, run_id=row['run_id'])
     return run

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_trainer.ipynb #8d73d07d
 from __future__ import annotations
-import copy, math, os, random, tempfile, time, warnings
+import math, os, random, tempfile, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict
 from pathlib import Path

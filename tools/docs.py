@@ -16,7 +16,7 @@ Quarto's cell options that nbdev writes (`#| echo: false`, `#| include: false`, 
 a small nbconvert preprocessor written by hand: nbconvert does not read them.
 """
 from __future__ import annotations
-import argparse, html, json, os, re, shutil, subprocess, sys, tempfile
+import argparse, html, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 import nbformat, yaml
