@@ -18,8 +18,8 @@ __all__ = ['COLUMNS', 'SHORT_NAMES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 
            'check_annotations', 'check_image', 'read_mhist', 'add_split', 'fingerprint', 'disk_cache_file',
            'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats', 'draw_augment',
            'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform', 'MHISTDataset',
-           'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler', 'default_workers',
-           'resolve_data_device', 'DeviceLoader', 'MHISTData']
+           'shard', 'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler', 'default_workers',
+           'resolve_data_device', 'DeviceLoader', 'dist_rank_world', 'MHISTData']
 
 # %% ../nbs/00_data.ipynb #6c635d8a
 COLUMNS = ('Image Name', 'Majority Vote Label', 'Number of Annotators who Selected SSA (Out of 7)', 'Partition')
@@ -190,6 +190,7 @@ def __getitem__(self:TileCache, i) -> np.ndarray:
 def take(self:TileCache, idx) -> np.ndarray:
     "Tiles `idx` as one (len(idx), H, W, 3) uint8 array."
     idx = np.asarray(idx, dtype=np.int64)
+    if not len(idx): return np.empty((0, *self.shape[1:]), np.uint8)
     if self.arr is None: return np.stack([decode_tile(self.path_of(i)) for i in idx])
     for i in idx[~self.filled[idx]]: self[i]
     return self.arr[idx]
@@ -412,22 +413,30 @@ def draws(self:MHISTDataset, n:int, seed:int|None):
 
 # %% ../nbs/00_data.ipynb #8bd02c56
 @patch
-def batch(self:MHISTDataset, idxs, seed:int|None=None):
-    "Rows `idxs` collated: images (B, 3, H, W), labels (B,), names (list), votes (B,); `seed` fixes augmentation."
+def batch(self:MHISTDataset, idxs, seed:int|None=None, part:slice|None=None):
+    "Rows `idxs` (only `part` of them, if given) collated: images (B, 3, H, W), labels (B,), names, votes (B,); `seed` fixes augmentation."
     idxs = np.asarray(idxs, dtype=np.int64)
+    d = self.draws(len(idxs), seed)                   # drawn for the whole batch, so a part gets its share of them
+    if part is not None: idxs, d = idxs[part], (None if d is None else d[part])
     x = torch.from_numpy(self.cache.take(self.idx[idxs])).permute(0, 3, 1, 2)
-    if self.transform is not None: x = self.transform(x, self.draws(len(idxs), seed))
+    if self.transform is not None: x = self.transform(x, d)
     return (x, torch.as_tensor(self.labels[idxs], dtype=torch.float32), [self.names[i] for i in idxs],
             torch.as_tensor(self.votes[idxs]))
 
+# %% ../nbs/00_data.ipynb #07529e60
+def shard(n:int, rank:int, world:int) -> slice:
+    "The rows of a batch of `n` that rank `rank` of `world` takes: contiguous, sizes differing by at most one."
+    if not 0 <= rank < world: raise ValueError(f'rank must be in [0, {world}), got {rank}')
+    return slice(rank * n // world, (rank + 1) * n // world)
+
 # %% ../nbs/00_data.ipynb #c771f5bd
 class _Batches(Dataset):
-    "View of an `MHISTDataset` indexed by `(seed, row indices)` pairs (from `EpochBatches`) or plain index lists."
-    def __init__(self, ds): self.ds = ds
+    "View of an `MHISTDataset` indexed by `(seed, row indices)` pairs (from `EpochBatches`) or plain index lists; rank `rank` of `world` builds its `shard`."
+    def __init__(self, ds, rank:int=0, world:int=1): self.ds, self.rank, self.world = ds, rank, world
     def __len__(self): return len(self.ds)
     def __getitem__(self, key):
         seed, idxs = key if isinstance(key, tuple) else (None, key)
-        return self.ds.batch(idxs, seed)
+        return self.ds.batch(idxs, seed, shard(len(idxs), self.rank, self.world) if self.world > 1 else None)
 
 # %% ../nbs/00_data.ipynb #f356f7a5
 class EpochSampler(Sampler):
@@ -520,8 +529,9 @@ def _to_device(t:torch.Tensor, device:torch.device) -> torch.Tensor:
 # %% ../nbs/00_data.ipynb #e73b1f12
 class DeviceLoader:
     "Batches of a split drawn by index from its uint8 tiles resident on `device`; the transform runs there, batched."
-    def __init__(self, ds:MHISTDataset, batches:EpochBatches, device):
-        self.dataset, self.batches, self.device = ds, batches, torch.device(device)
+    def __init__(self, ds:MHISTDataset, batches:EpochBatches, device,
+                 rank:int=0, world:int=1): # this process takes its `shard` of each batch
+        self.dataset, self.batches, self.device, self.rank, self.world = ds, batches, torch.device(device), rank, world
         tiles = torch.from_numpy(ds.cache.take(ds.idx))                          # (N, H, W, 3) uint8, host
         self.x = tiles.to(self.device).permute(0, 3, 1, 2).contiguous()           # (N, 3, H, W) uint8, device
         self.y = torch.tensor(ds.labels, dtype=torch.float32).to(self.device)
@@ -534,11 +544,13 @@ class DeviceLoader:
 @patch
 def __iter__(self:DeviceLoader):
     for seed, idxs in self.batches:
-        i = _to_device(torch.as_tensor(idxs), self.device)
+        d = self.dataset.draws(len(idxs), seed) if self.tf is not None else None
+        if self.world > 1:
+            part = shard(len(idxs), self.rank, self.world)
+            idxs, d = idxs[part], (None if d is None else d[part])
+        i = _to_device(torch.as_tensor(idxs, dtype=torch.long), self.device)
         x = self.x.index_select(0, i)
-        if self.tf is not None:
-            d = self.dataset.draws(len(idxs), seed)
-            x = self.tf(x, None if d is None else _to_device(d, self.device))
+        if self.tf is not None: x = self.tf(x, None if d is None else _to_device(d, self.device))
         yield x, self.y.index_select(0, i), [self.dataset.names[j] for j in idxs], torch.as_tensor(self.dataset.votes[idxs])
 
 # %% ../nbs/00_data.ipynb #ce50c2de
@@ -554,6 +566,12 @@ def _read_checked(root:Path, cache:str, cache_dir:Path, check_images:bool) -> pd
 def _seed_worker(worker_id):
     s = torch.initial_seed() % 2**32
     np.random.seed(s); random.seed(s)
+
+# %% ../nbs/00_data.ipynb #c51fcbd4
+def dist_rank_world() -> tuple[int, int]:
+    "(rank, world size) of the `torch.distributed` process group if one is initialised, else (0, 1)."
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 # %% ../nbs/00_data.ipynb #677443a3
 def _pin_memory(data_device:str, device:str) -> bool:
@@ -579,8 +597,11 @@ class MHISTData:
                  progress:bool=False,         # show progress bars while decoding
                  data_device:str='workers',   # 'workers', a torch device, or 'auto' (see `resolve_data_device`)
                  device:str='auto',           # the training device
+                 rank:int|None=None,          # under torchrun: this process's rank (None: from `torch.distributed`)
+                 world:int|None=None,         # ... and the number of processes; each takes its `shard` of every batch
                 ):
         self.root, self.val_frac, self.seed = Path(data_dir), val_frac, seed
+        self.rank, self.world = dist_rank_world() if world is None else (rank or 0, world)
         cache_dir = Path(cache_dir) if cache_dir else self.root/'.mhist_cache'
         self.df = add_split(_read_checked(self.root, cache, cache_dir, check_images), val_frac, seed)
         self.cache = TileCache(self.root, self.df.name, mode=cache, cache_dir=cache_dir, progress=progress)
@@ -608,8 +629,8 @@ def _loader(self:MHISTData, split:str, tf, train:bool, batch_size:int, balance:b
     elif balance: order = balanced_sampler(ds.labels, self.seed)
     else: order = EpochSampler(len(ds), self.seed)
     batches = EpochBatches(order, batch_size, self.seed)
-    if self.data_device != 'workers': return DeviceLoader(ds, batches, self.data_device)
-    return DataLoader(_Batches(ds), sampler=batches, batch_size=None, num_workers=nw, pin_memory=pin,
+    if self.data_device != 'workers': return DeviceLoader(ds, batches, self.data_device, self.rank, self.world)
+    return DataLoader(_Batches(ds, self.rank, self.world), sampler=batches, batch_size=None, num_workers=nw, pin_memory=pin,
                       worker_init_fn=_seed_worker, persistent_workers=nw > 0,
                       generator=torch.Generator().manual_seed(self.seed))
 
@@ -618,4 +639,4 @@ def _loader(self:MHISTData, split:str, tf, train:bool, batch_size:int, balance:b
 def __repr__(self:MHISTData):
     c = self.df.groupby(['split', 'label']).size().unstack(fill_value=0)
     return (f'MHISTData({self.root}, data_device={self.data_device!r}, mean={np.round(self.mean, 3).tolist()}, '
-            f'std={np.round(self.std, 3).tolist()})\n{c}')
+            f'std={np.round(self.std, 3).tolist()}' + (f', rank={self.rank} of {self.world}' if self.world > 1 else '') + f')\n{c}')

@@ -5,12 +5,15 @@
 # %% ../nbs/05_trainer.ipynb #8d73d07d
 from __future__ import annotations
 import math, os, random, tempfile, time, warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 from fastcore.basics import patch
+from .data import dist_rank_world
 from .metrics import all_metrics
 from .models import freeze_body, unfreeze
 
@@ -140,6 +143,49 @@ def _set_epoch(dl, epoch:int):
             if hasattr(s, 'set_epoch'): s.set_epoch(epoch); return
             s = getattr(s, 'sampler', None)
 
+# %% ../nbs/05_trainer.ipynb #afbc4be5
+def _gather(obj) -> list:
+    "`obj` from every rank, in rank order."
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+# %% ../nbs/05_trainer.ipynb #2bcb87ff
+def _broadcast(obj):
+    "Rank 0's `obj`, on every rank."
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+# %% ../nbs/05_trainer.ipynb #92f6da9c
+def _sharding(dl):
+    "How `dl` splits its data over ranks: `'slices'` (a `shard` of every batch), its `DistributedSampler`, or None (no split)."
+    for o in (dl, getattr(dl, 'dataset', None)):
+        if getattr(o, 'world', 1) > 1: return 'slices'
+    s = getattr(dl, 'sampler', None)
+    return s if isinstance(s, DistributedSampler) and s.num_replicas > 1 else None
+
+# %% ../nbs/05_trainer.ipynb #8b12bbd4
+def _merge_ranks(parts:list, how, n:int|None=None) -> list[tuple]:
+    "(rank, start, stop) row ranges of every rank's predictions `parts` (each `(columns, batch sizes)`) in one process's order."
+    world = len(parts)
+    if how == 'slices':
+        starts = [np.cumsum([0, *sizes]) for _, sizes in parts]
+        return [(r, int(starts[r][k]), int(starts[r][k + 1])) for k in range(len(parts[0][1])) for r in range(world)]
+    pos = sorted((j * world + r, r, j) for r, (cols, _) in enumerate(parts) for j in range(len(cols['y'])))
+    return [(r, j, j + 1) for p, r, j in pos if p < n]
+
+# %% ../nbs/05_trainer.ipynb #ed088dc3
+def _gather_predictions(cols:dict, sizes:list, dl) -> dict:
+    "This rank's prediction columns `cols` (batch sizes `sizes`) joined with every other rank's, in one process's order."
+    how = _sharding(dl)
+    if how is None: return cols                                         # every rank predicted everything
+    parts = _gather((cols, sizes))
+    rows = _merge_ranks(parts, how, None if how == 'slices' else len(how.dataset))
+    cat = lambda k: [parts[r][0][k][a:b] for r, a, b in rows]
+    return dict(name=[n for piece in cat('name') for n in piece],
+                **{k: np.concatenate(cat(k)) for k in ('y', 'votes', 'logit')})
+
 # %% ../nbs/05_trainer.ipynb #e67064ee
 def _check_hp(hp:dict) -> dict:
     "Validate the trainer's hyper-parameters; return them normalised (scheduler 'none' as None, pos_weight a float)."
@@ -149,6 +195,12 @@ def _check_hp(hp:dict) -> dict:
     if hp['accum_steps'] < 1: raise ValueError(f"accum_steps must be >= 1, got {hp['accum_steps']}")
     return {**hp, 'scheduler': None if hp['scheduler'] == 'none' else hp['scheduler'],
             'pos_weight': None if hp['pos_weight'] is None else float(hp['pos_weight'])}
+
+# %% ../nbs/05_trainer.ipynb #4724c67a
+def _rank_device(device:torch.device, world:int) -> torch.device:
+    "The device of this rank: under torchrun, CUDA means the GPU `torch.cuda.set_device` chose for it (one per rank)."
+    if world > 1 and device.type == 'cuda' and device.index is None: return torch.device('cuda', torch.cuda.current_device())
+    return device
 
 # %% ../nbs/05_trainer.ipynb #6d2804a5
 class Trainer:
@@ -168,24 +220,26 @@ class Trainer:
                  device:str='auto', seed:int=42,
                  ckpt_dir=None, # where `best.pt` and `last.pt` go (default: a new temporary directory)
                  save_last:bool=True, # write `last.pt` every epoch (needed to resume)
-                 callbacks=(), quiet:bool=False, # no progress bars, no epoch lines
+                 callbacks=(), quiet:bool=False, # no progress bars, no epoch lines (under torchrun: rank 0's only)
                  compile:bool|str=False): # train through `torch.compile` (a string names the backend)
         self.hp = _check_hp(dict(lr=lr, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
             scheduler=scheduler, warmup_epochs=warmup_epochs, step_size=step_size, gamma=gamma, grad_clip=grad_clip,
             accum_steps=accum_steps, pos_weight=pos_weight, patience=patience, min_delta=min_delta,
             threshold=threshold, amp=amp, seed=seed, compile=compile))
         self.selector = Selector(**selector) if isinstance(selector, dict) else (selector or Selector())
-        self.device = pick_device(device)
+        self.rank, self.world = dist_rank_world()        # under torchrun: this process, and how many train together
+        self.device = _rank_device(pick_device(device), self.world)
         self.amp = amp_dtype(amp, self.device)
-        seed_everything(seed)
+        seed_everything(seed + self.rank)                # rank 0 draws what a single process draws
         self.model = model.to(self.device)
         backend = compile if isinstance(compile, str) else 'inductor'
         self.train_model = torch.compile(self.model, backend=backend) if compile else self.model   # shares the weights
         pw = self.hp['pos_weight']
-        self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pw is None else torch.tensor(pw, device=self.device))
+        pw = None if pw is None else torch.tensor(pw, device=self.device)
+        self.loss_fn, self.loss_sum = nn.BCEWithLogitsLoss(pos_weight=pw), nn.BCEWithLogitsLoss(pos_weight=pw, reduction='sum')
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else Path(tempfile.mkdtemp(prefix='mhist-ckpt-'))
-        self.callbacks, self.quiet, self.save_last = list(callbacks), quiet, save_last
+        self.callbacks, self.quiet, self.save_last, self.ddp = list(callbacks), quiet or self.rank > 0, save_last, None
         self.history, self.best, self.best_any, self.best_state = [], None, None, None
         self.epoch, self.stage, self.stage_start, self.opt, self.sched = -1, 'full', 0, None, None
         self.stop_requested = None      # a reason set by a callback (an Optuna pruner): training ends after this epoch
@@ -193,7 +247,8 @@ class Trainer:
 # %% ../nbs/05_trainer.ipynb #4143fae6
 @patch
 def _cb(self:Trainer, hook:str, *args):
-    "Call `hook` on every callback."
+    "Call `hook` on every callback (on rank 0 only under torchrun: callbacks log and write, once)."
+    if self.rank: return
     for c in self.callbacks: getattr(c, hook)(self, *args)
 
 # %% ../nbs/05_trainer.ipynb #2d6f3de4
@@ -255,13 +310,31 @@ def _check_finite(self:Trainer, per_batch:torch.Tensor, ys:list, epoch:int):
     if len(bad):
         kept = self.ckpt_dir/('last.pt' if self.save_last else 'best.pt')
         i = int(bad[0])
-        raise FloatingPointError(f'non-finite loss ({per_batch[i].item() / len(ys[i])}) at epoch {epoch}, batch {i}; '
+        raise FloatingPointError(f'non-finite loss ({per_batch[i].item() / max(len(ys[i]), 1)}) at epoch {epoch}, batch {i}; '
                                  f'training stopped. The last good checkpoint is {kept}')
 
-# %% ../nbs/05_trainer.ipynb #c1f81378
+# %% ../nbs/05_trainer.ipynb #ad776107
+@patch
+def _batch_loss(self:Trainer, logits:torch.Tensor, y:torch.Tensor) -> tuple:
+    "(this rank's summed loss, what to backpropagate, images in the batch over all ranks) for one batch."
+    acc = self.hp['accum_steps']
+    if self.world == 1:
+        loss = self.loss_fn(logits, y)
+        return loss.detach() * len(y), (loss * len(y) if acc > 1 else loss), len(y)
+    s, n = self.loss_sum(logits, y), torch.tensor(float(len(y)), device=self.device)
+    dist.all_reduce(n)
+    return s.detach(), (s * self.world if acc > 1 else s * self.world / n), n
+
+# %% ../nbs/05_trainer.ipynb #7d834a51
+@patch
+def _sync(self:Trainer, step:bool):
+    "Context of a backward pass: under DDP, gradients are all-reduced only before an optimizer `step`."
+    return self.ddp.no_sync() if self.ddp is not None and not step else nullcontext()
+
+# %% ../nbs/05_trainer.ipynb #a87797e0
 @patch
 def _train_epoch(self:Trainer, dl, epoch:int) -> dict:
-    "Train one epoch; return train loss and metrics."
+    "Train one epoch; return train loss and metrics (of every rank's shards, under torchrun)."
     from tqdm.auto import tqdm
     self.model.train()
     acc, losses, ys, ps, n, in_group = self.hp['accum_steps'], [], [], [], len(dl), 0
@@ -270,19 +343,27 @@ def _train_epoch(self:Trainer, dl, epoch:int) -> dict:
     bar = tqdm(dl, desc=f'epoch {epoch} [{self.stage}]', leave=False, disable=self.quiet)
     for b, batch in enumerate(bar):
         x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True).float()
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            logits = _logits(self.train_model(x))
-        loss = self.loss_fn(logits, y)
-        self.scaler.scale(loss * len(y) if acc > 1 else loss).backward()
-        in_group += len(y)
-        if (b + 1) % acc == 0 or b + 1 == n: self._opt_step(params, in_group); in_group = 0
-        loss = loss.detach()
-        losses.append(loss * len(y)); ys.append(y); ps.append(torch.sigmoid(logits.detach()))
-        if not self.quiet and b % 25 == 0: bar.set_postfix(loss=f'{loss.item():.4f}')
-        self._cb('on_batch_end', b, loss)
-    per_batch = torch.stack(losses)
+        step = (b + 1) % acc == 0 or b + 1 == n
+        with self._sync(step):
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = _logits(self.train_model(x))
+            total, loss, k = self._batch_loss(logits, y)
+            self.scaler.scale(loss).backward()
+        in_group += k
+        if step: self._opt_step(params, in_group); in_group = 0
+        losses.append(total); ys.append(y); ps.append(torch.sigmoid(logits.detach()))
+        if not self.quiet and b % 25 == 0: bar.set_postfix(loss=f'{total.item() / max(len(y), 1):.4f}')
+        self._cb('on_batch_end', b, total / max(len(y), 1))
+    return self._epoch_metrics(torch.stack(losses), ys, ps, epoch)
+
+# %% ../nbs/05_trainer.ipynb #8c0e261f
+@patch
+def _epoch_metrics(self:Trainer, per_batch:torch.Tensor, ys:list, ps:list, epoch:int) -> dict:
+    "Train loss and metrics from the batches' summed losses, labels and probabilities (joined over ranks under torchrun)."
+    if self.world > 1: dist.all_reduce(per_batch)                # each batch's loss summed over the ranks
     self._check_finite(per_batch, ys, epoch)
-    y, p = torch.cat(ys).cpu().numpy(), torch.cat(ps).cpu().numpy()
+    y, p = torch.cat(ys).cpu().numpy(), torch.cat(ps).float().cpu().numpy()
+    if self.world > 1: y, p = (np.concatenate(v) for v in zip(*_gather((y, p))))
     return dict(loss=per_batch.sum().item() / len(y), **all_metrics(y, p, self.hp['threshold']))
 
 # %% ../nbs/05_trainer.ipynb #977df91a
@@ -298,19 +379,18 @@ def _full_fp32():
 @patch
 @torch.no_grad()
 def predict(self:Trainer, dl) -> pd.DataFrame:
-    "Probabilities of SSA (float32, no autocast) for every image of `dl`: name, y, votes, logit, p."
+    "Probabilities of SSA (float32, no autocast) for every image of `dl` (over every rank): name, y, votes, logit, p."
     self.model.eval()
-    out = dict(name=[], y=[], votes=[], logit=[])
+    names, ys, votes, logits, sizes = [], [], [], [], []
     for batch in dl:
-        x = batch[0].to(self.device, non_blocking=True)
-        with _full_fp32(): out['logit'].append(_logits(self.model(x.float())))
-        out['y'].append(batch[1].float().cpu())
-        k = len(batch[0])
-        out['name'] += list(batch[2]) if len(batch) > 2 else [None] * k
-        out['votes'].append(torch.as_tensor(batch[3]) if len(batch) > 3 else torch.full((k,), -1))
-    logit = torch.cat(out['logit']).cpu()
-    return pd.DataFrame(dict(name=out['name'], y=torch.cat(out['y']).int().numpy(), votes=torch.cat(out['votes']).numpy(),
-                             logit=logit.numpy(), p=torch.sigmoid(logit).numpy()))
+        x, k = batch[0].to(self.device, non_blocking=True), len(batch[0])
+        with _full_fp32(): logits.append(_logits(self.model(x.float())))
+        ys.append(batch[1].float().cpu()); sizes.append(k)
+        names += list(batch[2]) if len(batch) > 2 else [None] * k
+        votes.append(torch.as_tensor(batch[3]) if len(batch) > 3 else torch.full((k,), -1))
+    cols = dict(name=names, y=torch.cat(ys).int().numpy(), votes=torch.cat(votes).numpy(), logit=torch.cat(logits).cpu().numpy())
+    if self.world > 1: cols = _gather_predictions(cols, sizes, dl)
+    return pd.DataFrame(dict(**cols, p=torch.sigmoid(torch.from_numpy(cols['logit'])).numpy()))
 
 # %% ../nbs/05_trainer.ipynb #9117e753
 @patch
@@ -324,30 +404,51 @@ def evaluate(self:Trainer, dl, threshold:float|None=None) -> dict:
 # %% ../nbs/05_trainer.ipynb #fa69174f
 @patch
 def save_checkpoint(self:Trainer, path:Path):
-    "Everything needed to continue training, written atomically (tensors and plain Python values only)."
+    "Everything needed to continue training, written atomically by rank 0 (with every rank's RNG state under torchrun)."
+    rng = _rng_state()
+    ranks = _gather(rng) if self.world > 1 else None            # every rank takes part; rank 0 writes
+    if self.rank: return
     _atomic_save(dict(model=self.model.state_dict(), optimizer=self.opt.state_dict() if self.opt else None,
                       scheduler=self.sched.state_dict() if self.sched else None, scaler=self.scaler.state_dict(),
-                      epoch=self.epoch, stage=self.stage, stage_start=self.stage_start, rng=_rng_state(),
+                      epoch=self.epoch, stage=self.stage, stage_start=self.stage_start, rng=rng, rng_ranks=ranks,
                       history=_plain(self.history), best=_plain(self.best), best_any=_plain(self.best_any),
                       hp=_plain(self.hp), selector=asdict(self.selector),
                       trainable=[p.requires_grad for p in self.model.parameters()]),
                  Path(path))
 
+# %% ../nbs/05_trainer.ipynb #c76c3510
+@patch
+def _read_rank0(self:Trainer, path:Path) -> dict|None:
+    "`torch.load` of `path` (None if missing), read by rank 0 and sent to every rank: other machines need not see the file."
+    ck = torch.load(path, map_location='cpu', weights_only=True) if self.rank == 0 and path.is_file() else None
+    return _broadcast(ck) if self.world > 1 else ck
+
+# %% ../nbs/05_trainer.ipynb #10d9b762
+@patch
+def _own_rng(self:Trainer, ck:dict) -> dict:
+    "This rank's RNG state from checkpoint `ck`; rank 0's (with a warning) if it was written by a different number of ranks."
+    ranks = ck.get('rng_ranks')
+    if self.world == 1 and not ranks: return ck['rng']
+    if ranks is not None and len(ranks) == self.world: return ranks[self.rank]
+    if self.rank == 0: warnings.warn(f"the checkpoint was written by {len(ranks) if ranks else 1} process(es), this run has "
+                                     f"{self.world}: training resumes, but not bit for bit (dropout draws differ)")
+    return ck['rng']
+
 # %% ../nbs/05_trainer.ipynb #b38cea68
 @patch
 def load_checkpoint(self:Trainer, path) -> dict:
-    "Restore a `last.pt` written by `save_checkpoint` (read on the CPU, `weights_only`); return it."
+    "Restore a `last.pt` written by `save_checkpoint` (read on the CPU, `weights_only`; by rank 0, sent to the others); return it."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'checkpoint to resume from not found: {path}')
-    ck = torch.load(path, map_location='cpu', weights_only=True)
+    ck = self._read_rank0(path)
+    if ck is None: raise FileNotFoundError(f'checkpoint to resume from not found: {path}')
     self.model.load_state_dict(ck['model'])                     # copies onto the model's device
     for p, t in zip(self.model.parameters(), ck['trainable']): p.requires_grad_(t)
     self.epoch, self.stage, self.stage_start, self.history = ck['epoch'], ck['stage'], ck['stage_start'], ck['history']
     self.best, self.best_any = ck['best'], ck['best_any']
-    best_file = path.parent/'best.pt'
-    if best_file.is_file(): self.best_state = torch.load(best_file, map_location='cpu', weights_only=True)['model']
+    best = self._read_rank0(path.parent/'best.pt')
+    if best is not None: self.best_state = best['model']
     self.scaler.load_state_dict(ck['scaler'])
-    _set_rng_state(ck['rng'])
+    _set_rng_state(self._own_rng(ck))
     return ck                                    # optimizer state is applied when its stage starts (onto the device)
 
 # %% ../nbs/05_trainer.ipynb #87a9c4e2
@@ -361,11 +462,22 @@ def restore_best(self:Trainer) -> dict|None:
     if self.best_state is not None: self.model.load_state_dict(self.best_state)
     return row
 
+# %% ../nbs/05_trainer.ipynb #5e6c26f2
+@patch
+def _wrap_ddp(self:Trainer):
+    "Under torchrun, train through DistributedDataParallel over the parameters trainable now (so, rebuilt each stage)."
+    if self.world == 1: return
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+    c = self.hp['compile']
+    self.train_model = torch.compile(self.ddp, backend=c if isinstance(c, str) else 'inductor') if c else self.ddp
+
 # %% ../nbs/05_trainer.ipynb #6a8c4043
 @patch
 def _start_stage(self:Trainer, train_dl, end:int, lr:float, ck:dict|None):
     "Build the stage's optimizer and scheduler (with `ck`'s state if it is this stage's), then tell the callbacks."
     self._build_opt(lr, end - self.stage_start, len(train_dl))
+    self._wrap_ddp()
     if ck is not None and ck['stage'] == self.stage and ck['optimizer'] is not None:
         self.opt.load_state_dict(ck['optimizer'])
         if self.sched is not None and ck['scheduler'] is not None: self.sched.load_state_dict(ck['scheduler'])
@@ -398,7 +510,7 @@ def _record(self:Trainer, row:dict):
     if row['meets_floors'] and self.selector.better(row, self.best): self.best = row
     if self.best is row or (self.best is None and self.best_any is row):
         self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        _atomic_save(dict(model=self.best_state, metrics=row, selector=asdict(self.selector),
+        if self.rank == 0: _atomic_save(dict(model=self.best_state, metrics=row, selector=asdict(self.selector),
                           selected_by=self.selected_by), self.ckpt_dir/'best.pt')
         self._cb('on_checkpoint', self.ckpt_dir/'best.pt', True)
     if self.save_last:
@@ -436,6 +548,7 @@ def _stage(self:Trainer, train_dl, val_dl, end:int, lr:float, ck:dict|None=None)
             break
         row = self._run_epoch(train_dl, val_dl, epoch)
         self._record(row)
+        if self.world > 1: self.stop_requested = _broadcast(self.stop_requested)   # a rank-0 callback's decision
         if not self.quiet: print(_fmt_row(row))
         best_loss, bad = _patience_step(best_loss, bad, row['val_loss'], min_delta)
 
