@@ -181,6 +181,9 @@ def dict_fields(param:str) -> dict|None:
     if param == 'selector':
         from mhist_nb.trainer import Selector
         return {f.name: _ann(f.type) for f in dataclasses.fields(Selector)}
+    if param == 'distributed':
+        from mhist_nb.ddp import DISTRIBUTED_KEYS
+        return dict(DISTRIBUTED_KEYS)
     return None
 
 # %% ../nbs/30_pipeline.ipynb #305ff011
@@ -211,6 +214,10 @@ def check_param(v,                # the value from the parameter file
         from mhist_nb.trainer import Selector
         try: Selector(**v)
         except (TypeError, ValueError) as e: problems.append(f'{where}: {e}')
+    if name == 'distributed' and len(problems) == n:
+        from mhist_nb.ddp import torchrun_command
+        try: torchrun_command(None, **v)
+        except ValueError as e: problems.append(f'{where}: {e}')
     return v
 
 # %% ../nbs/30_pipeline.ipynb #5ba60f95

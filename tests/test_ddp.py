@@ -1,0 +1,114 @@
+"""Training under torchrun for real, with the gloo backend on loopback: a two-process run resumed from its `last.pt`
+ends where the uninterrupted run does (dropout on, so every rank's RNG state matters), two "machines" (two torchrun
+agents joined through a static rendezvous) train exactly like two processes on one, and the training notebook run by
+`mhist run` with `distributed:` trains under torchrun and logs every epoch into its MLflow run.
+(The one-process vs two-process agreement is tested in nbs/32_ddp.ipynb.)"""
+import json, os, subprocess
+
+import numpy as np, pytest, torch, yaml
+
+from conftest import free_port, mhist
+
+EPOCHS, COLS = 4, ['train_loss', 'train_auc', 'val_loss', 'val_auc', 'lr']
+
+
+def config(synth_dir, ckpt, **fit):
+    "A worker configuration: the tiny MLP (with dropout) on 32-pixel tiles with flips, constant learning rate."
+    return dict(data=dict(data_dir=str(synth_dir), batch_size=8, seed=0, size=32, augment={'flips': True}, device='cpu'),
+                model=dict(name='mlp_small', kw=dict(in_features=3 * 32 * 32, hidden=[32, 16], dropout=0.3)),
+                init=None, mlflow=None, fit=dict(method='fit', epochs=EPOCHS, **fit),
+                trainer=dict(lr=3e-3, device='cpu', quiet=True, seed=0, ckpt_dir=str(ckpt)))
+
+
+def run(cfg, tmp, name, **distributed):
+    "Write `cfg` and train it under torchrun; return rank 0's fit.json."
+    from mhist_nb.ddp import launch_torchrun
+    f = tmp/f'{name}.json'
+    f.write_text(json.dumps(cfg))
+    launch_torchrun(f, quiet=True, backend='gloo', **{'nproc_per_node': 2, **distributed})
+    return json.loads((tmp/name/'fit.json').read_text())
+
+
+def table(fit):
+    return np.array([[r[c] for c in COLS] for r in fit['history']], float)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(synth_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('ddp')
+    return tmp, run(config(synth_dir, tmp/'full'), tmp, 'full')
+
+
+def test_two_process_resume_equals_uninterrupted(uninterrupted, synth_dir):
+    tmp, full = uninterrupted
+    cfg = config(synth_dir, tmp/'part')
+    cfg['fit']['epochs'] = 2                                  # the run stops after epoch 1...
+    part = run(cfg, tmp, 'part')
+    assert len(part['history']) == 2 and part['world'] == 2
+    ck = torch.load(tmp/'part'/'last.pt', weights_only=True)
+    assert len(ck['rng_ranks']) == 2 and not torch.equal(ck['rng_ranks'][0]['torch'], ck['rng_ranks'][1]['torch'])
+    resumed = run(config(synth_dir, tmp/'part', resume=str(tmp/'part'/'last.pt')), tmp, 'part')
+    assert [r['epoch'] for r in resumed['history']] == list(range(EPOCHS))
+    np.testing.assert_array_equal(table(resumed), table(full))   # ...and resumes bit for bit: same shards, draws, dropout masks
+    assert resumed['best']['epoch'] == full['best']['epoch']
+    a = torch.load(tmp/'part'/'best.pt', weights_only=True)['model']
+    b = torch.load(tmp/'full'/'best.pt', weights_only=True)['model']
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_needs_the_same_number_of_processes_for_exactness(uninterrupted, synth_dir):
+    "A 2-process checkpoint resumed by 3 processes goes on, with one warning that dropout draws differ."
+    tmp, _ = uninterrupted
+    cfg = config(synth_dir, tmp/'three', resume=str(tmp/'full'/'last.pt'))
+    cfg['fit']['epochs'] = EPOCHS + 1
+    from mhist_nb.ddp import torchrun_command
+    f = tmp/'three.json'
+    f.write_text(json.dumps(cfg))
+    env = dict(os.environ, MHIST_DDP_BACKEND='gloo', OMP_NUM_THREADS='1')
+    r = subprocess.run(torchrun_command(f, 3), capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (r.stdout + r.stderr).count('written by 2 process(es), this run has 3') == 1
+    hist = json.loads((tmp/'three'/'fit.json').read_text())['history']
+    assert [h['epoch'] for h in hist] == list(range(EPOCHS + 1))
+
+
+def test_two_machines_on_loopback(uninterrupted, synth_dir):
+    "Two torchrun agents (nnodes=2, one process each): node 0 has the configuration, node 1 gets it from rank 0."
+    from mhist_nb.ddp import torchrun_command
+    tmp, full = uninterrupted
+    cfg = config(synth_dir, tmp/'nodes')
+    f = tmp/'nodes.json'
+    f.write_text(json.dumps(cfg))
+    port, env = free_port(), dict(os.environ, MHIST_DDP_BACKEND='gloo', OMP_NUM_THREADS='1')
+    node = lambda rank, c: subprocess.Popen(torchrun_command(c, 1, nnodes=2, node_rank=rank, master_addr='127.0.0.1',
+                                                             master_port=port), env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True)
+    n1, n0 = node(1, None), node(0, f)
+    out1, out0 = n1.communicate(timeout=600)[0], n0.communicate(timeout=600)[0]
+    assert (n0.returncode, n1.returncode) == (0, 0), out0[-3000:] + out1[-3000:]
+    nodes = json.loads((tmp/'nodes'/'fit.json').read_text())
+    assert nodes['world'] == 2
+    np.testing.assert_allclose(table(nodes), table(full), atol=1e-6)   # the same two ranks, wherever they run
+
+
+def test_pipeline_trains_under_torchrun(synth_dir, tmp_path):
+    "`distributed:` in the parameter file: the MLP notebook trains under torchrun and reports as usual."
+    from mlflow import MlflowClient
+    params = tmp_path/'ddp.yaml'
+    params.write_text(yaml.safe_dump({
+        'name': 'ddp', 'run': ['10_train_mlp'], 'common': {'data_dir': str(synth_dir), 'seed': 0, 'quiet': True},
+        '10_train_mlp': {'epochs': 2, 'save_last': False, 'log_checkpoint': False,
+                         'distributed': {'nproc_per_node': 2, 'backend': 'gloo'}}}))
+    uri = f"sqlite:///{tmp_path/'mlflow.db'}"
+    r = mhist('run', params, '--reports', tmp_path/'reports', '--quiet',
+              env=dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES='0'))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = tmp_path/'reports'/'ddp'
+    info = json.loads(next(out.rglob('run_mlp.json')).read_text())
+    fit = json.loads((out.rglob('fit.json').__next__()).read_text())
+    assert fit['world'] == 2 and len(fit['history']) == 2
+    run = MlflowClient(uri).get_run(info['run_id'])
+    assert run.info.status == 'FINISHED' and run.data.params['distributed.nproc_per_node'] == '2'
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(info['run_id'], 'val_auc')]
+    assert steps == [0, 1]                                   # each epoch once, logged by rank 0
+    assert info['best_epoch'] == fit['best']['epoch'] and info['best_val_auc'] == pytest.approx(fit['best']['val_auc'])
