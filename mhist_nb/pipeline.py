@@ -17,7 +17,7 @@ __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 
            'notebook_timeout', 'NotebookError', 'to_html', 'mlflow_retry_bounds', 'kernel_env', 'run_notebook',
            'TrackingUnavailable', 'check_tracking', 'start_run', 'wait_for_tracking', 'finish_run', 'path_problems',
            'check_paths', 'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs',
-           'load_sweep', 'run_sweep', 'sagemaker_main']
+           'load_sweep', 'run_sweep', 'sagemaker_distributed', 'training_notebooks', 'sagemaker_join', 'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
 DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
@@ -881,6 +881,32 @@ def _copy_model_files(rep:Path, model_dir:Path):
         if f.is_file() and (f.name == 'best.pt' or f.name.startswith('predictions_')):
             dst = model_dir/f.relative_to(rep); dst.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, dst)
 
+# %% ../nbs/30_pipeline.ipynb #5eaeec35
+def sagemaker_distributed(env:dict, mode:str='auto', port:int=29500) -> dict|None:
+    "The `distributed` mapping of this SageMaker instance: every GPU of every instance; None for one process."
+    if mode not in ('auto', 'off'): raise ValueError(f"the distributed hyper-parameter must be 'auto' or 'off', got {mode!r}")
+    hosts, gpus = json.loads(env.get('SM_HOSTS') or '[]'), int(env.get('SM_NUM_GPUS') or 0)
+    if mode == 'off' or (len(hosts) <= 1 and gpus <= 1): return None
+    d = dict(nproc_per_node=max(gpus, 1))
+    if len(hosts) > 1:
+        d.update(nnodes=len(hosts), node_rank=hosts.index(env['SM_CURRENT_HOST']), master_addr=hosts[0], master_port=port)
+    return d
+
+# %% ../nbs/30_pipeline.ipynb #bf0ee38f
+def training_notebooks(cfg:dict) -> list[str]:
+    "The notebooks of `cfg`'s run list that train (those with a `distributed` parameter), in run order."
+    return [k for k in map(notebook_key, cfg['run']) if 'distributed' in cfg['_declared'].get(k, {})]
+
+# %% ../nbs/30_pipeline.ipynb #0d8fe480
+def sagemaker_join(trainings:list, d:dict) -> int:
+    "On an instance other than the first: join each of the run's `trainings` as node `d['node_rank']`; the exit code."
+    from mhist_nb.ddp import launch_torchrun
+    for nb in trainings:
+        print(f"joining the training of {nb} as node {d['node_rank']} of {d['nnodes']} (node 0: {d['master_addr']})", flush=True)
+        try: launch_torchrun(None, **d)
+        except RuntimeError as e: print(f'error: {e}', file=sys.stderr); return 1
+    return 0
+
 # %% ../nbs/30_pipeline.ipynb #cfffd9b7
 def sagemaker_main(argv=None) -> int:
     "SageMaker training entry: SM_CHANNEL_TRAINING → data_dir, reports → SM_OUTPUT_DATA_DIR, models → SM_MODEL_DIR."
@@ -889,12 +915,17 @@ def sagemaker_main(argv=None) -> int:
     if missing: print(f'error: SageMaker variables not set: {missing}', file=sys.stderr); return 2
     hps = json.loads(env.get('SM_HPS') or '{}')
     params, name = hps.pop('params', 'params/mhist_gpu.yaml'), hps.pop('name', 'sagemaker')
+    mode, port = hps.pop('distributed', 'auto'), int(hps.pop('master_port', 29500))
     data_dir, model_dir, out_dir = (Path(env[k]) for k in SM_VARS)
     try:
         cfg = load_params(params, {'common.data_dir': str(data_dir), **hps})
         cfg.pop('synth', None)                                  # real data comes from the channel
+        d = sagemaker_distributed(env, mode, port)
+        if d and d.get('node_rank', 0): return sagemaker_join(training_notebooks(cfg), d)
+        for nb in training_notebooks(cfg) if d else []:         # the cluster's shape wins over the file's
+            cfg[nb] = {**(cfg.get(nb) or {}), 'distributed': {**notebook_params(cfg, nb).get('distributed', {}), **d}}
         rep = run_pipeline({k: v for k, v in cfg.items() if not k.startswith('_')}, name=name, reports=out_dir)
-    except (ParamsError, NotebookError, FileNotFoundError) as e:
+    except (ParamsError, NotebookError, FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr); return 1
     _copy_model_files(rep, model_dir)
     print(f'reports in {rep}; model artefacts in {model_dir}')

@@ -1,13 +1,13 @@
 """Training under torchrun for real, with the gloo backend on loopback: a two-process run resumed from its `last.pt`
-ends where the uninterrupted run does (dropout on, so every rank's RNG state matters), two "machines" (two torchrun
-agents joined through a static rendezvous) train exactly like two processes on one, and the training notebook run by
-`mhist run` with `distributed:` trains under torchrun and logs every epoch into its MLflow run.
+ends where the uninterrupted run does (dropout on, so every rank's RNG state matters), and two "machines" (two torchrun
+agents joined through a static rendezvous) train exactly like two processes on one; the training notebook run by
+the pipeline trains under torchrun (tests/test_pipeline.py::test_sagemaker_two_instances_on_loopback).
 (The one-process vs two-process agreement is tested in nbs/32_ddp.ipynb.)"""
 import json, os, subprocess
 
-import numpy as np, pytest, torch, yaml
+import numpy as np, pytest, torch
 
-from conftest import free_port, mhist
+from conftest import free_port
 
 EPOCHS, COLS = 4, ['train_loss', 'train_auc', 'val_loss', 'val_auc', 'lr']
 
@@ -90,25 +90,3 @@ def test_two_machines_on_loopback(uninterrupted, synth_dir):
     assert nodes['world'] == 2
     np.testing.assert_allclose(table(nodes), table(full), atol=1e-6)   # the same two ranks, wherever they run
 
-
-def test_pipeline_trains_under_torchrun(synth_dir, tmp_path):
-    "`distributed:` in the parameter file: the MLP notebook trains under torchrun and reports as usual."
-    from mlflow import MlflowClient
-    params = tmp_path/'ddp.yaml'
-    params.write_text(yaml.safe_dump({
-        'name': 'ddp', 'run': ['10_train_mlp'], 'common': {'data_dir': str(synth_dir), 'seed': 0, 'quiet': True},
-        '10_train_mlp': {'epochs': 2, 'save_last': False, 'log_checkpoint': False,
-                         'distributed': {'nproc_per_node': 2, 'backend': 'gloo'}}}))
-    uri = f"sqlite:///{tmp_path/'mlflow.db'}"
-    r = mhist('run', params, '--reports', tmp_path/'reports', '--quiet',
-              env=dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES='0'))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = tmp_path/'reports'/'ddp'
-    info = json.loads(next(out.rglob('run_mlp.json')).read_text())
-    fit = json.loads((out.rglob('fit.json').__next__()).read_text())
-    assert fit['world'] == 2 and len(fit['history']) == 2
-    run = MlflowClient(uri).get_run(info['run_id'])
-    assert run.info.status == 'FINISHED' and run.data.params['distributed.nproc_per_node'] == '2'
-    steps = [m.step for m in MlflowClient(uri).get_metric_history(info['run_id'], 'val_auc')]
-    assert steps == [0, 1]                                   # each epoch once, logged by rank 0
-    assert info['best_epoch'] == fit['best']['epoch'] and info['best_val_auc'] == pytest.approx(fit['best']['val_auc'])

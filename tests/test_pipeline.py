@@ -4,7 +4,7 @@ Each test uses its own throw-away MLflow store (MLFLOW_TRACKING_URI) and report 
 import html, json, os, re, subprocess, sys, time
 from pathlib import Path
 import nbformat, pandas as pd, pytest, yaml
-from conftest import ROOT, mhist
+from conftest import ROOT, free_port, mhist
 
 
 @pytest.fixture
@@ -203,3 +203,32 @@ def test_sweep_without_tracking_keeps_failed_trials_and_shows_the_top(tmp_path, 
     rows = [line.split() for line in r.stdout.strip().splitlines()]                  # printed: the header and the top 2
     assert len(rows) == 3 and rows[1][rows[0].index('action')] == 'best' and rows[2][rows[0].index('action')] == 'ok'
     assert not (tmp_path/'mlflow.db').exists()                                       # MHIST_TRACKING=off: no MLflow store
+
+
+def test_sagemaker_two_instances_on_loopback(tmp_path, env, synth_dir):
+    """A two-instance SageMaker job, both "instances" on this machine: the first runs the pipeline and its training under
+    torchrun as node 0, the second only joins that training as node 1; rank 0 logs every epoch into the notebook's run."""
+    from mlflow import MlflowClient
+    params = write_yaml(tmp_path/'sm.yaml', {'name': 'sm', 'run': ['10_train_mlp'],
+                                             'common': {'data_dir': 'set-by-sagemaker', 'seed': 0, 'quiet': True},
+                                             '10_train_mlp': {'epochs': 2, 'save_last': False, 'log_checkpoint': False}})
+    hps = json.dumps({'params': str(params), 'name': 'job2', 'master_port': free_port()})
+    sm = lambda host: {**env, 'SM_CHANNEL_TRAINING': str(synth_dir), 'SM_MODEL_DIR': str(tmp_path/host/'model'),
+                       'SM_OUTPUT_DATA_DIR': str(tmp_path/host/'output'), 'SM_HPS': hps, 'SM_NUM_GPUS': '0',
+                       'SM_HOSTS': '["127.0.0.1", "127.0.0.2"]', 'SM_CURRENT_HOST': host, 'OMP_NUM_THREADS': '1'}
+    train = lambda host: subprocess.Popen([sys.executable, str(ROOT/'sagemaker'/'train.py')], env=sm(host),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second, first = train('127.0.0.2'), train('127.0.0.1')
+    (out2, err2), (out1, err1) = second.communicate(timeout=900), first.communicate(timeout=900)
+    assert (first.returncode, second.returncode) == (0, 0), err1[-3000:] + err2[-3000:]
+    assert 'joining the training of 10_train_mlp as node 1 of 2 (node 0: 127.0.0.1)' in out2
+    assert not (tmp_path/'127.0.0.2'/'output').exists()                  # the second instance runs no notebook
+    out = tmp_path/'127.0.0.1'/'output'/'job2'
+    assert 'distributed = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 0' in injected(out/'10_train_mlp.ipynb')
+    fit = json.loads(next(out.rglob('fit.json')).read_text())
+    info = json.loads(next(out.rglob('run_mlp.json')).read_text())
+    assert fit['world'] == 2 and len(fit['history']) == 2 and info['best_epoch'] == fit['best']['epoch']
+    client = MlflowClient(env['MLFLOW_TRACKING_URI'])
+    assert client.get_run(info['run_id']).info.status == 'FINISHED'
+    assert [m.step for m in client.get_metric_history(info['run_id'], 'val_auc')] == [0, 1]   # each epoch once: rank 0
+    assert list((tmp_path/'127.0.0.1'/'model').rglob('best.pt'))
