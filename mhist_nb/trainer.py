@@ -455,7 +455,7 @@ def load_checkpoint(self:Trainer, path) -> dict:
 @patch
 def restore_best(self:Trainer) -> dict|None:
     "Load the selected epoch's weights into the model; return its metrics row."
-    if self.best is None and self.best_any is not None:
+    if self.best is None and self.best_any is not None and self.rank == 0:          # one warning, not one per rank
         warnings.warn(f'no epoch met the floors {self.selector.floors}; keeping the epoch chosen by the fallback rule, '
                       f'best {self.selector.fallback["monitor"]} (epoch {self.best_any["epoch"]})')
     row = self.best or self.best_any

@@ -90,3 +90,38 @@ def test_two_machines_on_loopback(uninterrupted, synth_dir):
     assert nodes['world'] == 2
     np.testing.assert_allclose(table(nodes), table(full), atol=1e-6)   # the same two ranks, wherever they run
 
+
+
+PLAIN_LOADER = '''
+import sys, torch, torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from mhist_nb.trainer import Trainer
+dist.init_process_group('gloo')
+torch.manual_seed(0)
+x, y = torch.randn(11, 6), (torch.arange(11) % 2).float()
+net = torch.nn.Linear(6, 1)
+ds = TensorDataset(x, y)
+dl = DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, shuffle=False)) if dist.get_world_size() > 1 else DataLoader(ds, batch_size=4)
+pr = Trainer(net, device='cpu', quiet=True).predict(dl)
+if dist.get_rank() == 0: pr.to_csv(sys.argv[1], index=False)
+dist.destroy_process_group()
+'''
+
+
+def test_plain_loader_with_distributed_sampler(tmp_path):
+    """A user's own script: a plain DataLoader with PyTorch's DistributedSampler over 11 samples on 2 ranks (one padded
+    repeat). `predict` returns each sample once, in order, equal to one process's predictions."""
+    import pandas as pd
+    from mhist_nb.ddp import torchrun_command
+    script = tmp_path/'predict.py'
+    script.write_text(PLAIN_LOADER)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    for n in (1, 2):
+        cmd = torchrun_command(None, n)
+        cmd = cmd[:cmd.index('-m', 3)] + [str(script), str(tmp_path/f'{n}.csv')]     # the script instead of mhist_nb.ddp
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    one, two = pd.read_csv(tmp_path/'1.csv'), pd.read_csv(tmp_path/'2.csv')
+    assert len(two) == 11
+    np.testing.assert_allclose(two.logit, one.logit, rtol=1e-6)
+    np.testing.assert_array_equal(two.y, one.y)
