@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/trainer.py
 	$(BIN)/python benchmarks/inference.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/ddp.py
 
 export: $(STAMP)
 	$(BIN)/nbdev-export && $(BIN)/nbdev-clean
