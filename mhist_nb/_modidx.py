@@ -400,6 +400,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mhist_nb.pipeline._first_line': ('pipeline.html#_first_line', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline._incomplete_mark': ('pipeline.html#_incomplete_mark', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline._inspect': ('pipeline.html#_inspect', 'mhist_nb/pipeline.py'),
+                                   'mhist_nb.pipeline._keywords': ('pipeline.html#_keywords', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline._log_sweep': ('pipeline.html#_log_sweep', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline._mark_failed': ('pipeline.html#_mark_failed', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline._members': ('pipeline.html#_members', 'mhist_nb/pipeline.py'),

@@ -12,8 +12,8 @@ import pandas as pd, torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['BACKEND_ENV', 'DISTRIBUTED_KEYS', 'init_distributed', 'trainer_options', 'data_options', 'EpochLogger', 'run_worker',
-           'main', 'torchrun_command', 'launch_torchrun', 'adopt_result', 'fit_torchrun', 'fit_experiment']
+__all__ = ['BACKEND_ENV', 'init_distributed', 'trainer_options', 'data_options', 'EpochLogger', 'run_worker', 'main',
+           'torchrun_command', 'launch_torchrun', 'adopt_result', 'fit_torchrun', 'fit_experiment']
 
 # %% ../nbs/32_ddp.ipynb #ecd4773c
 from .data import MHISTData, dist_rank_world
@@ -97,10 +97,6 @@ def main(argv=None) -> int:
 # %% ../nbs/32_ddp.ipynb #07bf6a5f
 if __name__ == '__main__': sys.exit(main())
 
-# %% ../nbs/32_ddp.ipynb #4a8c8f8b
-DISTRIBUTED_KEYS = dict(nproc_per_node='int', nnodes='int', node_rank='int', master_addr='str', master_port='int',
-                        join_timeout='int', backend='str')   # what a `distributed:` mapping may hold (the pipeline checks it)
-
 # %% ../nbs/32_ddp.ipynb #02a02f1d
 def torchrun_command(config=None, # the worker configuration; None on the other machines of a multi-node job
                      nproc_per_node:int=1, # processes on this machine: one per GPU
@@ -145,7 +141,7 @@ def adopt_result(trainer:Trainer) -> pd.DataFrame:
 def fit_torchrun(trainer:Trainer, data:dict, # `data_options` of the notebook
                  model:str, model_kw:dict, # the registry name and arguments of `trainer.model`
                  fit:dict, # what to run: `method` ('fit' or 'fit_two_stage') and its arguments
-                 distributed:dict, # `torchrun_command`'s arguments (`DISTRIBUTED_KEYS`)
+                 distributed:dict, # `torchrun_command`'s arguments
                  quiet:bool=False) -> pd.DataFrame:
     "Fit `trainer`'s model under torchrun as `distributed` says; `trainer` ends as `trainer.fit` would leave it."
     ck = trainer.ckpt_dir; ck.mkdir(parents=True, exist_ok=True)

@@ -171,19 +171,23 @@ def _ann(a) -> str:
     "An annotation as text (`from __future__ import annotations` keeps it so; a class gives its name)."
     return a if isinstance(a, str) else getattr(a, '__name__', 'None')
 
+def _keywords(fn, skip=()) -> dict:
+    "The keyword parameters of `fn` but `skip`, each with its annotation as text."
+    ps = inspect.signature(fn).parameters.values()
+    return {p.name: _ann(p.annotation) if p.annotation is not p.empty else 'None' for p in ps
+            if p.name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
 def dict_fields(param:str) -> dict|None:
     "Keys (with annotations) that dict parameter `param` accepts, read from the code receiving it; None: any."
     if param == 'augment':
         from mhist_nb.data import TileTransform
-        ps = inspect.signature(TileTransform).parameters.values()
-        return {p.name: _ann(p.annotation) if p.annotation is not p.empty else 'None' for p in ps
-                if p.name not in ('mean', 'std', 'train', 'size') and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return _keywords(TileTransform, ('mean', 'std', 'train', 'size'))
     if param == 'selector':
         from mhist_nb.trainer import Selector
         return {f.name: _ann(f.type) for f in dataclasses.fields(Selector)}
     if param == 'distributed':
-        from mhist_nb.ddp import DISTRIBUTED_KEYS
-        return dict(DISTRIBUTED_KEYS)
+        from mhist_nb.ddp import torchrun_command
+        return _keywords(torchrun_command, ('config',))
     return None
 
 # %% ../nbs/30_pipeline.ipynb #305ff011
