@@ -217,6 +217,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mhist_nb.data.make_transform': ('data.html#make_transform', 'mhist_nb/data.py'),
                                'mhist_nb.data.norm_stats': ('data.html#norm_stats', 'mhist_nb/data.py'),
                                'mhist_nb.data.pos_weight': ('data.html#pos_weight', 'mhist_nb/data.py'),
+                               'mhist_nb.data.rank_device': ('data.html#rank_device', 'mhist_nb/data.py'),
                                'mhist_nb.data.read_mhist': ('data.html#read_mhist', 'mhist_nb/data.py'),
                                'mhist_nb.data.resolve_data_device': ('data.html#resolve_data_device', 'mhist_nb/data.py'),
                                'mhist_nb.data.rot90_tiles': ('data.html#rot90_tiles', 'mhist_nb/data.py'),

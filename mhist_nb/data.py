@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #7fe916e9
 from __future__ import annotations
-import hashlib, json, os, random, tempfile, warnings
+import copy, hashlib, json, os, random, tempfile, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import patch
@@ -19,7 +19,7 @@ __all__ = ['COLUMNS', 'SHORT_NAMES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 
            'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats', 'draw_augment',
            'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform', 'MHISTDataset',
            'shard', 'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler', 'default_workers',
-           'resolve_data_device', 'DeviceLoader', 'dist_rank_world', 'MHISTData']
+           'dist_rank_world', 'rank_device', 'resolve_data_device', 'DeviceLoader', 'MHISTData']
 
 # %% ../nbs/00_data.ipynb #6c635d8a
 COLUMNS = ('Image Name', 'Majority Vote Label', 'Number of Annotators who Selected SSA (Out of 7)', 'Partition')
@@ -286,13 +286,14 @@ def draw_augment(n:int, generator:torch.Generator|None=None, flips:bool=False, r
 # %% ../nbs/00_data.ipynb #cb9a0159
 def flip_tiles(x:torch.Tensor, h:torch.Tensor, v:torch.Tensor) -> torch.Tensor:
     "Flip each tile of (B, C, H, W) `x` left-right where `h`, then top-bottom where `v` (bool, shape (B,))."
-    x = torch.where(h.view(-1, 1, 1, 1), x.flip(-1), x)
-    return torch.where(v.view(-1, 1, 1, 1), x.flip(-2), x)
+    h, v = (t.to(x.device).view(-1, 1, 1, 1) for t in (h, v))      # masks drawn on the CPU, tiles on any device
+    x = torch.where(h, x.flip(-1), x)
+    return torch.where(v, x.flip(-2), x)
 
 # %% ../nbs/00_data.ipynb #173bcaf9
 def rot90_tiles(x:torch.Tensor, k:torch.Tensor) -> torch.Tensor:
     "Rotate each square tile of (B, C, H, W) `x` by its own `k` quarter turns (as `torch.rot90` over the last two dims)."
-    k, out = k.view(-1, 1, 1, 1), x
+    k, out = k.to(x.device).view(-1, 1, 1, 1), x                    # turns drawn on the CPU, tiles on any device
     for j in (1, 2, 3): out = torch.where(k == j, torch.rot90(x, j, (-2, -1)), out)
     return out
 
@@ -507,16 +508,36 @@ def default_workers() -> int:
     n = os.cpu_count() or 1
     return 0 if n <= 2 else min(4, n // 2)
 
+# %% ../nbs/00_data.ipynb #c51fcbd4
+def dist_rank_world() -> tuple[int, int]:
+    "(rank, world size) of the `torch.distributed` process group if one is initialised, else (0, 1)."
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+# %% ../nbs/00_data.ipynb #307923dd
+def rank_device(device, world:int|None=None) -> torch.device:
+    "`device` with an index: CUDA is this process's GPU (under torchrun, its LOCAL_RANK's, whatever index was given)."
+    device = torch.device(device)
+    if device.type != 'cuda': return device
+    world = dist_rank_world()[1] if world is None else world
+    if world > 1 and 'LOCAL_RANK' in os.environ:
+        own = int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()
+        if device.index not in (None, own):
+            warnings.warn(f"under torchrun each process uses the GPU of its LOCAL_RANK: {device} is taken as cuda:{own}")
+        return torch.device('cuda', own)
+    return device if device.index is not None else torch.device('cuda', torch.cuda.current_device())
+
 # %% ../nbs/00_data.ipynb #da755931
 def resolve_data_device(data_device:str='auto', device:str='auto', nbytes:int=0, free_bytes:int|None=None) -> str:
-    "`workers`, or the device of the resident path; `auto`: the CUDA training device if the tiles need ≤ 25 % of its free memory."
+    "`workers`, or the device of the resident path (a GPU with its index); `auto`: the CUDA training device if the tiles need ≤ 25 % of its free memory."
     if data_device == 'workers': return 'workers'
     if data_device != 'auto':
-        try: torch.device(data_device)
+        try: dd = torch.device(data_device)
         except RuntimeError as e: raise ValueError(f"data_device must be 'auto', 'workers' or a torch device, got {data_device!r}") from e
-        return data_device
+        return str(rank_device(dd)) if dd.type == 'cuda' else data_device
     dev = torch.device(device) if device != 'auto' else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if dev.type != 'cuda': return 'workers'
+    dev = rank_device(dev)                        # indexed: torch 2.4's mem_get_info refuses a bare 'cuda'
     free = torch.cuda.mem_get_info(dev)[0] if free_bytes is None else free_bytes
     return str(dev) if nbytes <= 0.25 * free else 'workers'
 
@@ -535,7 +556,7 @@ class DeviceLoader:
         tiles = torch.from_numpy(ds.cache.take(ds.idx))                          # (N, H, W, 3) uint8, host
         self.x = tiles.to(self.device).permute(0, 3, 1, 2).contiguous()           # (N, 3, H, W) uint8, device
         self.y = torch.tensor(ds.labels, dtype=torch.float32).to(self.device)
-        self.tf = ds.transform.to(self.device) if ds.transform is not None else None
+        self.tf = copy.deepcopy(ds.transform).to(self.device) if ds.transform is not None else None   # the dataset's stays put
 
     def __len__(self): return len(self.batches)
     def set_epoch(self, epoch:int): self.batches.set_epoch(epoch)
@@ -566,12 +587,6 @@ def _read_checked(root:Path, cache:str, cache_dir:Path, check_images:bool) -> pd
 def _seed_worker(worker_id):
     s = torch.initial_seed() % 2**32
     np.random.seed(s); random.seed(s)
-
-# %% ../nbs/00_data.ipynb #c51fcbd4
-def dist_rank_world() -> tuple[int, int]:
-    "(rank, world size) of the `torch.distributed` process group if one is initialised, else (0, 1)."
-    import torch.distributed as dist
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 # %% ../nbs/00_data.ipynb #677443a3
 def _pin_memory(data_device:str, device:str) -> bool:
