@@ -15,7 +15,7 @@ help:
 	@echo "make outputs - re-execute the library chapters (with #| slow cells) and store their outputs (committed)"
 	@echo "make readme - README.md from nbs/index.ipynb (its results cell re-executed on reports/demo)"
 	@echo "make docs   - the docs site in _docs/ from the committed outputs (offline; nbdev-docs with Quarto in CI)"
-	@echo "make gpu-check - on a GPU box, with the python3 on PATH (no install): GPU tests, GPU benchmark, GPU smoke pipeline"
+	@echo "make gpu-check - on a GPU box, with the python3 on PATH (no install): GPU tests, benchmarks, smoke pipeline; summary in $(GPU_CHECK_OUT)/"
 
 install: $(STAMP)
 
@@ -72,18 +72,14 @@ export: $(STAMP)
 clean-demo:
 	rm -rf $(REPORTS) data/synth
 
-# On a machine with a GPU and a prepared Python (no network needed): the python3 on PATH must have torch; the project
-# is used from this checkout through PYTHONPATH. Without CUDA it says so and succeeds.
+# On a machine with a GPU and a prepared Python (no install step, no network): the python3 on PATH must have torch; the
+# project is used from this checkout through PYTHONPATH. tools/gpu_check.py runs the GPU tests, the DDP benchmark (2+
+# GPUs), benchmarks/gpu.py and (with papermill, nbconvert, ipykernel, mlflow) the smoke pipeline, and ends with one
+# summary table, also in $(GPU_CHECK_OUT)/summary.json. Without CUDA it says so and succeeds.
 GPU_PY ?= python3
+GPU_CHECK_OUT ?= reports/gpu-check
 gpu-check:
-	@if ! $(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-	  echo "make gpu-check: no CUDA GPU visible to $(GPU_PY) (or no torch): nothing to check"; exit 0; fi; \
-	export PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}"; set -e; \
-	$(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py; \
-	$(GPU_PY) benchmarks/gpu.py; \
-	if $(GPU_PY) -c "import papermill, mlflow, nbconvert, ipykernel" 2>/dev/null; then \
-	  $(GPU_PY) -c "import sys; from mhist_nb.cli import main; sys.exit(main(sys.argv[1:]))" run params/gpu_smoke.yaml; \
-	else echo "papermill, mlflow, nbconvert or ipykernel not importable: the smoke pipeline (params/gpu_smoke.yaml) is skipped"; fi
+	@PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PY) tools/gpu_check.py --out $(GPU_CHECK_OUT)
 
 # Library chapters are committed with their outputs (the docs are built from them, as in nbdev projects): re-execute
 # them here after changing one, then commit. Scratch files go to a folder removed afterwards.

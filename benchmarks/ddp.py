@@ -7,9 +7,9 @@ machine this measures DDP's overhead, not a speed-up). The table gives the media
 `seconds`: train + validation, epoch 0 excluded as warm-up) and the largest |difference| of the validation AUC and loss
 from the in-process run.
 
-    .venv/bin/python benchmarks/ddp.py [--epochs 4] [--nproc N] [--model mlp_small] [--size 64] [--scale 0.1]
+    .venv/bin/python benchmarks/ddp.py [--epochs 4] [--nproc N] [--model mlp_small] [--size 64] [--scale 0.1] [--json FILE]
 """
-import argparse, os, shutil, tempfile
+import argparse, json, os, shutil, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from mhist_nb.data import MHISTData
@@ -28,6 +28,7 @@ def main():
     ap.add_argument('--size', type=int, default=64, help='tile side after resizing (the MLP input follows it)')
     ap.add_argument('--scale', type=float, default=0.1, help='synthetic set size (1.0: as many tiles as MHIST)')
     ap.add_argument('--batch', type=int, default=32)
+    ap.add_argument('--json', default=None, help='also write the table to this file')
     a = ap.parse_args()
     device = 'cuda' if gpus else 'cpu'
     tmp = Path(tempfile.mkdtemp(prefix='mhist-bench-ddp-'))
@@ -52,6 +53,8 @@ def main():
         print(f'{a.model}, {len(data.train.dataset)} training tiles at {a.size}px, batch {a.batch}, {a.epochs} epochs, '
               f'{device} ({gpus} GPU(s), {os.cpu_count()} cores)')
         print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.3g}'))
+        if a.json: Path(a.json).write_text(json.dumps(dict(model=a.model, size=a.size, batch=a.batch, epochs=a.epochs,
+                                                           device=device, gpus=gpus, rows=rows), indent=1))
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -12,7 +12,7 @@ import pandas as pd, torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['BACKEND_ENV', 'init_distributed', 'trainer_options', 'data_options', 'EpochLogger', 'run_worker', 'main',
+__all__ = ['BACKEND_ENV', 'claim_gpu', 'init_distributed', 'trainer_options', 'data_options', 'EpochLogger', 'run_worker', 'main',
            'torchrun_command', 'launch_torchrun', 'adopt_result', 'fit_torchrun', 'fit_experiment']
 
 # %% ../nbs/32_ddp.ipynb #ecd4773c
@@ -24,13 +24,23 @@ from .tracking import DATA_PARAMS, MLflowCallback
 # %% ../nbs/32_ddp.ipynb #db35c0e3
 BACKEND_ENV = 'MHIST_DDP_BACKEND'       # 'nccl' or 'gloo'; unset: NCCL when CUDA is available, else gloo
 
+# %% ../nbs/32_ddp.ipynb #36d60fd5
+def claim_gpu(backend:str) -> int:
+    "Make the GPU of this process's `LOCAL_RANK` the current one (round-robin past the last GPU, which only gloo allows); return it."
+    local, n = int(os.environ['LOCAL_RANK']), torch.cuda.device_count()
+    if backend == 'nccl' and local >= n:
+        raise RuntimeError(f'NCCL needs a GPU per process: this is local rank {local}, and {n} GPU(s) are visible; '
+                           f'start at most {n} processes per machine (nproc_per_node), or use gloo')
+    torch.cuda.set_device(local % n)
+    return local % n
+
 # %% ../nbs/32_ddp.ipynb #8004dd0e
 def init_distributed(backend:str|None=None, timeout_min:float=60) -> tuple[int, int]:
     "Join the process group `torchrun` describes in the environment; return (rank, world size)."
     missing = [k for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
     if missing: raise RuntimeError(f'not started by torchrun: {missing} not set (start with `torchrun ... -m mhist_nb.ddp CONFIG`)')
     backend = backend or os.environ.get(BACKEND_ENV) or ('nccl' if torch.cuda.is_available() else 'gloo')
-    if backend == 'nccl': torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+    if torch.cuda.is_available(): claim_gpu(backend)             # with gloo too: else every rank lands on cuda:0
     if not dist.is_initialized(): dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
     return dist_rank_world()
 
@@ -75,9 +85,11 @@ def run_worker(cfg:dict) -> Trainer:
     if cfg.get('init'): trainer.model.load_state_dict(trainer._read_rank0(Path(cfg['init']))['model'])
     fit = dict(cfg['fit'])
     getattr(trainer, fit.pop('method'))(data.train, data.val, **fit)
+    devices = [None] * trainer.world                                       # where each rank trained, and held its tiles
+    dist.all_gather_object(devices, dict(model=str(trainer.device), data=data.data_device))
     if rank == 0:
         out = dict(history=trainer.history, best=trainer.best, best_any=trainer.best_any, epoch=trainer.epoch,
-                   stage=trainer.stage, world=trainer.world)
+                   stage=trainer.stage, world=trainer.world, devices=devices)
         (trainer.ckpt_dir/'fit.json').write_text(json.dumps(out, indent=1))
     return trainer
 

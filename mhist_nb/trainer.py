@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DistributedSampler
 from fastcore.basics import patch
-from .data import dist_rank_world
+from .data import dist_rank_world, rank_device
 from .metrics import all_metrics
 from .models import freeze_body, unfreeze
 
 # %% auto #0
-__all__ = ['PER_STEP_SCHEDULERS', 'seed_everything', 'pick_device', 'amp_dtype', 'Selector', 'Callback', 'Trainer']
+__all__ = ['BF16_CAPABILITY', 'CUBLAS_DETERMINISTIC', 'PER_STEP_SCHEDULERS', 'seed_everything', 'pick_device', 'amp_dtype',
+           'Selector', 'Callback', 'deterministic_kernels', 'Trainer']
 
 # %% ../nbs/05_trainer.ipynb #2834f53c
 def seed_everything(seed:int):
@@ -35,12 +37,14 @@ def pick_device(device:str='auto') -> torch.device:
     return torch.device('cpu')
 
 # %% ../nbs/05_trainer.ipynb #2dd0a682
+BF16_CAPABILITY = (8, 0)     # Ampere and later compute bf16 natively; torch.cuda.is_bf16_supported() also counts emulation
+
 def amp_dtype(amp:str, device:torch.device):
-    "Autocast dtype: `auto` is bf16 on a CUDA GPU that supports it, fp16 (with loss scaling) on older ones (T4), off elsewhere."
+    "Autocast dtype: `auto` is bf16 on a CUDA GPU of compute capability ≥ 8.0, fp16 (with loss scaling) on older ones (T4), off elsewhere."
     if amp not in ('auto', 'bf16', 'fp16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
     if amp == 'auto':
         if device.type != 'cuda': return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= BF16_CAPABILITY else torch.float16
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'off': None}[amp]
 
 # %% ../nbs/05_trainer.ipynb #9f1cfc22
@@ -118,22 +122,25 @@ def _plain(v):
     return v
 
 # %% ../nbs/05_trainer.ipynb #fef391ab
-def _rng_state() -> dict:
-    "RNG states of Python, NumPy and torch (CPU, CUDA) as tensors and plain values."
+def _rng_state(device:torch.device|None=None) -> dict:
+    "RNG states of Python, NumPy, torch's CPU generator and, when training on a GPU, that GPU's generator only."
     npk = np.random.get_state()
     s = dict(python=list(random.getstate()), numpy=[npk[0], npk[1].tolist(), int(npk[2]), int(npk[3]), float(npk[4])],
              torch=torch.get_rng_state())
-    if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == 'cuda': s['cuda'] = torch.cuda.get_rng_state(device)
     return s
 
 # %% ../nbs/05_trainer.ipynb #cf8f8db3
-def _set_rng_state(s:dict):
-    "Restore `_rng_state()`; tensors are moved to the CPU first, as the RNG setters require."
+def _set_rng_state(s:dict, device:torch.device|None=None):
+    "Restore `_rng_state()`; a GPU state goes to the training `device` (a CPU run ignores it). Tensors go through the CPU."
     v, state, g = s['python']
     random.setstate((v, tuple(state), g))
     n = s['numpy']; np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(s['torch'].cpu())
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([t.cpu() for t in s['cuda']])
+    c = s.get('cuda')
+    if c is None or device is None or device.type != 'cuda': return
+    if isinstance(c, (list, tuple)): c = c[device.index if (device.index or 0) < len(c) else 0]  # older checkpoints: every GPU's
+    torch.cuda.set_rng_state(c.cpu(), device)
 
 # %% ../nbs/05_trainer.ipynb #0af863ee
 def _set_epoch(dl, epoch:int):
@@ -196,11 +203,23 @@ def _check_hp(hp:dict) -> dict:
     return {**hp, 'scheduler': None if hp['scheduler'] == 'none' else hp['scheduler'],
             'pos_weight': None if hp['pos_weight'] is None else float(hp['pos_weight'])}
 
-# %% ../nbs/05_trainer.ipynb #4724c67a
-def _rank_device(device:torch.device, world:int) -> torch.device:
-    "The device of this rank: under torchrun, CUDA means the GPU `torch.cuda.set_device` chose for it (one per rank)."
-    if world > 1 and device.type == 'cuda' and device.index is None: return torch.device('cuda', torch.cuda.current_device())
-    return device
+# %% ../nbs/05_trainer.ipynb #9a89ab00
+CUBLAS_DETERMINISTIC = ':4096:8'    # CUBLAS_WORKSPACE_CONFIG that makes cuBLAS deterministic (read when CUDA starts)
+
+@contextmanager
+def deterministic_kernels(on:bool=True):
+    "Inside: deterministic algorithms only (cuDNN without autotuning, attention by the math kernel); then the previous settings."
+    if not on: yield; return
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        with sdpa_kernel(SDPBackend.MATH): yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
 
 # %% ../nbs/05_trainer.ipynb #6d2804a5
 class Trainer:
@@ -221,14 +240,17 @@ class Trainer:
                  ckpt_dir=None, # where `best.pt` and `last.pt` go (default: a new temporary directory)
                  save_last:bool=True, # write `last.pt` every epoch (needed to resume)
                  callbacks=(), quiet:bool=False, # no progress bars, no epoch lines (under torchrun: rank 0's only)
-                 compile:bool|str=False): # train through `torch.compile` (a string names the backend)
+                 compile:bool|str=False, # train through `torch.compile` (a string names the backend)
+                 deterministic:bool=False): # deterministic kernels only: bit-exact resume on the same device type (slower)
         self.hp = _check_hp(dict(lr=lr, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
             scheduler=scheduler, warmup_epochs=warmup_epochs, step_size=step_size, gamma=gamma, grad_clip=grad_clip,
             accum_steps=accum_steps, pos_weight=pos_weight, patience=patience, min_delta=min_delta,
-            threshold=threshold, amp=amp, seed=seed, compile=compile))
+            threshold=threshold, amp=amp, seed=seed, compile=compile, deterministic=deterministic))
         self.selector = Selector(**selector) if isinstance(selector, dict) else (selector or Selector())
         self.rank, self.world = dist_rank_world()        # under torchrun: this process, and how many train together
-        self.device = _rank_device(pick_device(device), self.world)
+        self.device = rank_device(pick_device(device), self.world)   # a GPU with its index; under torchrun, the rank's
+        if self.device.type == 'cuda' and self.world > 1: torch.cuda.set_device(self.device)   # NCCL works on the current GPU
+        if deterministic: os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC)   # before cuBLAS starts
         self.amp = amp_dtype(amp, self.device)
         seed_everything(seed + self.rank)                # rank 0 draws what a single process draws
         self.model = model.to(self.device)
@@ -405,7 +427,7 @@ def evaluate(self:Trainer, dl, threshold:float|None=None) -> dict:
 @patch
 def save_checkpoint(self:Trainer, path:Path):
     "Everything needed to continue training, written atomically by rank 0 (with every rank's RNG state under torchrun)."
-    rng = _rng_state()
+    rng = _rng_state(self.device)
     ranks = _gather(rng) if self.world > 1 else None            # every rank takes part; rank 0 writes
     if self.rank: return
     _atomic_save(dict(model=self.model.state_dict(), optimizer=self.opt.state_dict() if self.opt else None,
@@ -447,8 +469,8 @@ def load_checkpoint(self:Trainer, path) -> dict:
     self.best, self.best_any = ck['best'], ck['best_any']
     best = self._read_rank0(path.parent/'best.pt')
     if best is not None: self.best_state = best['model']
-    self.scaler.load_state_dict(ck['scaler'])
-    _set_rng_state(self._own_rng(ck))
+    if ck['scaler']: self.scaler.load_state_dict(ck['scaler'])    # {}: saved by a disabled scaler (CPU, bf16, fp32)
+    _set_rng_state(self._own_rng(ck), self.device)
     return ck                                    # optimizer state is applied when its stage starts (onto the device)
 
 # %% ../nbs/05_trainer.ipynb #87a9c4e2
@@ -462,12 +484,23 @@ def restore_best(self:Trainer) -> dict|None:
     if self.best_state is not None: self.model.load_state_dict(self.best_state)
     return row
 
+# %% ../nbs/05_trainer.ipynb #0a312bfa
+def _whole_batch_norms(model:nn.Module, device:torch.device, warn:bool=True) -> nn.Module:
+    "`model` with its BatchNorm layers synchronised over the ranks (`SyncBatchNorm`) on a GPU; elsewhere, a warning."
+    bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
+    if not bn: return model
+    if device.type == 'cuda': return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if warn: warnings.warn(f"{len(bn)} BatchNorm layer(s) ({bn[0]}, ...) normalise each rank's shard separately on "
+                           f"{device.type} (SyncBatchNorm needs GPUs): N processes do not train like one")
+    return model
+
 # %% ../nbs/05_trainer.ipynb #5e6c26f2
 @patch
 def _wrap_ddp(self:Trainer):
     "Under torchrun, train through DistributedDataParallel over the parameters trainable now (so, rebuilt each stage)."
     if self.world == 1: return
     from torch.nn.parallel import DistributedDataParallel as DDP
+    self.model = _whole_batch_norms(self.model, self.device, warn=self.rank == 0)
     self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
     c = self.hp['compile']
     self.train_model = torch.compile(self.ddp, backend=c if isinstance(c, str) else 'inductor') if c else self.ddp
@@ -556,12 +589,13 @@ def _stage(self:Trainer, train_dl, val_dl, end:int, lr:float, ck:dict|None=None)
 @patch
 def fit(self:Trainer, train_dl, val_dl, epochs:int, lr:float|None=None, resume=None) -> pd.DataFrame:
     "Train all parameters up to epoch `epochs`; keep and finally load the selected weights; return the history."
-    ck = self.load_checkpoint(resume) if resume else None
-    if ck is None: self.stage, self.stage_start = 'full', self.epoch + 1
-    self._cb('on_fit_start')
-    self._stage(train_dl, val_dl, epochs, lr or self.hp['lr'], ck)
-    self.restore_best()
-    self._cb('on_fit_end')
+    with deterministic_kernels(self.hp['deterministic']):
+        ck = self.load_checkpoint(resume) if resume else None
+        if ck is None: self.stage, self.stage_start = 'full', self.epoch + 1
+        self._cb('on_fit_start')
+        self._stage(train_dl, val_dl, epochs, lr or self.hp['lr'], ck)
+        self.restore_best()
+        self._cb('on_fit_end')
     return self.history_df
 
 # %% ../nbs/05_trainer.ipynb #d4520016
@@ -569,15 +603,16 @@ def fit(self:Trainer, train_dl, val_dl, epochs:int, lr:float|None=None, resume=N
 def fit_two_stage(self:Trainer, train_dl, val_dl, head_epochs:int, full_epochs:int, lr_head:float, lr_full:float,
                   resume=None) -> pd.DataFrame:
     "Stage 1: head only at `lr_head`; stage 2: everything at `lr_full`, with a rebuilt optimizer. Returns the history."
-    ck = self.load_checkpoint(resume) if resume else None
-    self._cb('on_fit_start')
-    if ck is None or (ck['stage'] == 'head' and self.epoch + 1 < head_epochs):
-        if ck is None: self.stage, self.stage_start = 'head', 0
-        freeze_body(self.model)
-        self._stage(train_dl, val_dl, head_epochs, lr_head, ck)
-    if ck is None or ck['stage'] == 'head': self.stage, self.stage_start = 'full', self.epoch + 1
-    unfreeze(self.model)
-    self._stage(train_dl, val_dl, self.stage_start + full_epochs, lr_full, ck)
-    self.restore_best()
-    self._cb('on_fit_end')
+    with deterministic_kernels(self.hp['deterministic']):
+        ck = self.load_checkpoint(resume) if resume else None
+        self._cb('on_fit_start')
+        if ck is None or (ck['stage'] == 'head' and self.epoch + 1 < head_epochs):
+            if ck is None: self.stage, self.stage_start = 'head', 0
+            freeze_body(self.model)
+            self._stage(train_dl, val_dl, head_epochs, lr_head, ck)
+        if ck is None or ck['stage'] == 'head': self.stage, self.stage_start = 'full', self.epoch + 1
+        unfreeze(self.model)
+        self._stage(train_dl, val_dl, self.stage_start + full_epochs, lr_full, ck)
+        self.restore_best()
+        self._cb('on_fit_end')
     return self.history_df

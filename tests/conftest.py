@@ -1,6 +1,6 @@
 import os, secrets, shutil, socket, subprocess, sys, tempfile, time
 from pathlib import Path
-import pytest, requests
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -102,6 +102,7 @@ class TrackingServer:
 
     def start(self):
         "Start the server (again, on the same port and store) and wait until it answers."
+        import requests                  # here, not at the top: a bare GPU image (make gpu-check) may lack it
         with open(self.log, 'a') as log:
             self.proc = subprocess.Popen([str(ENTRYPOINT)], stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         for _ in range(360):
