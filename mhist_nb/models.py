@@ -154,9 +154,9 @@ def vit(name:str=VIT_BASE, # a timm model name
 
 # %% ../nbs/04_models.ipynb #7e305e10
 def conv_stem(widths=(16, 32, 64, 64), in_chans:int=3) -> nn.Sequential:
-    "Stride-2 3×3 conv + per-tile channel norm + ReLU per width: a 224 image becomes a 14×14 feature map (for 4 widths)."
-    layers, c = [], in_chans
-    for w in widths: layers += [nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.GroupNorm(w, w), nn.ReLU(inplace=True)]; c = w
+    "Stride-2 3×3 convs + ReLU, each after the first with a per-tile channel norm: a 224 image becomes 14×14 (4 widths)."
+    layers, c = [nn.Conv2d(in_chans, widths[0], 3, 2, 1), nn.ReLU(inplace=True)], widths[0]
+    for w in widths[1:]: layers += [nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.GroupNorm(w, w), nn.ReLU(inplace=True)]; c = w
     return nn.Sequential(*layers)
 
 # %% ../nbs/04_models.ipynb #c4b6ab2f

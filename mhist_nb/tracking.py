@@ -283,7 +283,7 @@ def experiment_data(p:dict) -> tuple:
 
 # %% ../nbs/06_tracking.ipynb #cb9ed089
 TRAINER_PARAMS = ('lr', 'optimizer', 'weight_decay', 'scheduler', 'warmup_epochs', 'grad_clip', 'accum_steps', 'patience',
-                  'threshold', 'amp', 'device', 'seed', 'save_last', 'quiet', 'compile')   # those that go to `Trainer`
+                  'threshold', 'amp', 'device', 'seed', 'save_last', 'quiet', 'compile', 'deterministic')   # those that go to `Trainer`
 
 # %% ../nbs/06_tracking.ipynb #a06cbacd
 def experiment_trainer(net, data, out_dir, p:dict, # the notebook's parameters

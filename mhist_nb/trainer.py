@@ -139,7 +139,7 @@ def _set_rng_state(s:dict, device:torch.device|None=None):
     torch.set_rng_state(s['torch'].cpu())
     c = s.get('cuda')
     if c is None or device is None or device.type != 'cuda': return
-    if isinstance(c, (list, tuple)): c = c[device.index if (device.index or 0) < len(c) else 0]  # older checkpoints: every GPU's
+    if isinstance(c, (list, tuple)): c = c[(device.index or 0) if (device.index or 0) < len(c) else 0]   # older: every GPU's
     torch.cuda.set_rng_state(c.cpu(), device)
 
 # %% ../nbs/05_trainer.ipynb #0af863ee
