@@ -12,7 +12,8 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
-from .serve import CLASS_NAMES, Predictor, ImageError, ModelError, ExplainTimeout, RESIZE_POLICIES
+from .core import CLASS_NAMES
+from .serve import Predictor, ImageError, ModelError, ExplainTimeout, RESIZE_POLICIES
 
 # %% auto #0
 __all__ = ['IMAGE_TYPES', 'log', 'ServeConfig', 'APIError', 'request_images', 'metrics_text', 'openapi', 'create_app',

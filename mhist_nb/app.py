@@ -244,7 +244,7 @@ def _x(field:str, title=None) -> dict:
 
 def p_chart(p:float, threshold:float) -> dict:
     "Vega-Lite: P(SSA) as a bar on [0, 1], red at or above `threshold` and blue below, the threshold a dashed rule."
-    from mhist_nb.serve import CLASS_NAMES
+    from mhist_nb.core import CLASS_NAMES
     call = CLASS_NAMES[int(p >= threshold)]
     colour = dict(field='call', type='nominal', legend=None,
                   scale=dict(domain=list(CLASS_NAMES), range=['#%02x%02x%02x' % HP_RGB, '#%02x%02x%02x' % SSA_RGB]))
@@ -388,7 +388,7 @@ def dataset_source(s:Settings) -> tuple[str|None, pd.DataFrame|None]:
 # %% ../nbs/21_app.ipynb #831aabbb
 def pick_controls(table:pd.DataFrame) -> tuple[str, object]:
     "Sidebar: how to pick a tile, and the class, vote count or name to pick by."
-    from mhist_nb.serve import CLASS_NAMES
+    from mhist_nb.core import CLASS_NAMES
     sb = st.sidebar
     how = sb.radio('Pick a tile', PICKS, horizontal=True, key='pick')
     if how == 'by class': return how, sb.radio('Class', CLASS_NAMES, horizontal=True, key='pick_class')

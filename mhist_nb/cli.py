@@ -47,7 +47,7 @@ def add_synth(sub):
 def summarize(df) -> str:
     "A short text summary of a validated MHIST table: counts per partition and label, and vote agreement."
     from mhist_nb.data import N_ANNOTATORS
-    from mhist_nb.serve import CLASS_NAMES
+    from mhist_nb.core import CLASS_NAMES
     neg, pos = CLASS_NAMES
     tab = df.groupby(['partition', 'label']).size().unstack(fill_value=0).reindex(columns=list(CLASS_NAMES), fill_value=0)
     lines = [f'{len(df)} tiles', f'{"partition":<10}{neg:>7}{pos:>7}{"total":>8}{"% " + pos:>8}']

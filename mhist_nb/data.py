@@ -11,7 +11,7 @@ from fastcore.basics import patch
 from PIL import Image
 from torch.utils.data import Dataset, DataLoader, Sampler, SequentialSampler
 from torchvision.transforms import v2
-from .serve import CLASS_NAMES
+from .core import CLASS_NAMES
 
 # %% auto #0
 __all__ = ['COLUMNS', 'SHORT_NAMES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 'RGB_FROM_HED', 'HED_FROM_RGB', 'MHISTError',

@@ -18,8 +18,9 @@ from .metrics import all_metrics
 from .models import create, count_parameters
 from .synth import synth
 from .tracking import try_mlflow
-from .serve import (INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, MANIFEST_REQUIRED, sigmoid, sha256, check_manifest,
-                             read_manifest, ort_session, onnx_logits, open_model, preprocess, classify)
+from .core import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sigmoid, sha256
+from .serve import (MANIFEST_REQUIRED, check_manifest, read_manifest, ort_session, onnx_logits, open_model,
+                            preprocess, classify)
 
 # %% auto #0
 __all__ = ['INT8_OPS', 'INT8_QUANTIZATION', 'DEMO_MODELS', 'MANIFEST_METRICS', 'export_onnx', 'torch_logits', 'parity',

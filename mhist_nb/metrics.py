@@ -9,7 +9,7 @@ import numpy as np, pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, average_precision_score, log_loss, brier_score_loss
-from .serve import sigmoid
+from .core import sigmoid
 
 # %% auto #0
 __all__ = ['RANKING_METRICS', 'THRESHOLD_METRICS', 'METRICS', 'REPORT_METRICS', 'THRESHOLD_RULES', 'ece', 'calibration_table',

@@ -12,11 +12,11 @@ from scipy.stats import binomtest
 from sklearn.metrics import roc_curve, precision_recall_curve
 from .metrics import (THRESHOLD_RULES, _resample, choose_threshold, threshold_metrics, threshold_sweep,
                               metrics_table, ranking_metrics, calibration_table, ece, fit_temperature, apply_temperature)
-from .serve import CLASS_NAMES, sigmoid
+from .core import CLASS_NAMES, sigmoid
 
 # %% auto #0
-__all__ = ['PALETTE', 'DEMO_MODELS', 'DEMO_SSA_SHARE', 'PREDICTION_COLUMNS', 'INTERVAL_METRICS', 'COUNTS', 'GRID', 'RULE_STYLE',
-           'SWEEP_METRICS', 'STANDINS', 'WALL_SIDES', 'file_audit', 'label_table', 'plot_label_counts',
+__all__ = ['PALETTE', 'SIMULATED_FAMILIES', 'DEMO_SSA_SHARE', 'PREDICTION_COLUMNS', 'INTERVAL_METRICS', 'COUNTS', 'GRID',
+           'RULE_STYLE', 'SWEEP_METRICS', 'STANDINS', 'WALL_SIDES', 'file_audit', 'label_table', 'plot_label_counts',
            'agreement_table', 'plot_agreement', 'plot_samples', 'plot_channel_histograms', 'write_demo_predictions',
            'read_family', 'rule_thresholds', 'threshold_by_roc_curve', 'rules_table', 'interval_text', 'show_intervals',
            'roc_on_grid', 'pr_on_grid', 'curve_bands', 'plot_roc_pr', 'plot_sweep', 'temperature_scaling',
@@ -100,8 +100,9 @@ def plot_channel_histograms(hist, mean, std, figsize=(7, 3.5)) -> plt.Figure:
     return fig
 
 # %% ../nbs/08_report.ipynb #4aa6da81
-DEMO_MODELS = dict(mlp=dict(sep=0.3, scale=2.4, bias=-1.0),    # logit = scale * (sep * (votes - 3.5) + noise) + bias:
-                   vit=dict(sep=0.5, scale=2.0, bias=-1.2))    # test AUC about 0.8 and 0.9
+SIMULATED_FAMILIES = dict(mlp=dict(sep=0.3, scale=2.4, bias=-1.0),   # the demo's simulated predictors (not models):
+                          vit=dict(sep=0.5, scale=2.0, bias=-1.2))   # logit = scale * (sep * (votes - 3.5) + noise) + bias;
+                                                                     # test AUC about 0.8 and 0.9
 DEMO_SSA_SHARE = 0.31                                          # about MHIST's share of SSA tiles
 
 def _demo_tiles(rng:np.random.Generator, n:int) -> dict:
@@ -119,13 +120,13 @@ def write_demo_predictions(folder, seed:int=0, n:int=300) -> list:
     "Synthetic predictions_{family}_{val,test}.csv and run_{family}.json in `folder` for an 'mlp' and a better 'vit'."
     rng, folder = np.random.default_rng(seed), Path(folder)
     tiles = _demo_tiles(rng, n)
-    for fam, q in DEMO_MODELS.items():
+    for fam, q in SIMULATED_FAMILIES.items():
         for split, df in tiles.items():
             logit = q['scale'] * (q['sep'] * (df.votes - 3.5) + rng.normal(0, 1, n)) + q['bias']
             df.assign(logit=logit, p=sigmoid(logit), split=split).to_csv(folder / f'predictions_{fam}_{split}.csv', index=False)
         run = dict(family=fam, model=f'demo_{fam}', run_id=None, tracking_uri=None, experiment=None, synthetic=True)
         (folder / f'run_{fam}.json').write_text(json.dumps(run, indent=2))
-    return list(DEMO_MODELS)
+    return list(SIMULATED_FAMILIES)
 
 # %% ../nbs/08_report.ipynb #d5d43b0d
 PREDICTION_COLUMNS = ('name', 'y', 'votes', 'logit', 'p')

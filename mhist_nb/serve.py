@@ -4,38 +4,20 @@
 
 # %% ../nbs/20_serve.ipynb #8f15cdda
 from __future__ import annotations
-import hashlib, io, json, time, uuid, warnings
+import io, json, time, uuid, warnings
 from pathlib import Path
 import numpy as np
 from PIL import Image
+from .core import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sigmoid, sha256
 
 # %% auto #0
-__all__ = ['INPUT_NAME', 'OUTPUT_NAME', 'CLASS_NAMES', 'MANIFEST_REQUIRED', 'ACCEPTED_FORMATS', 'RESIZE_POLICIES', 'sigmoid',
-           'sha256', 'check_manifest', 'read_manifest', 'ort_session', 'onnx_logits', 'open_model', 'ImageError',
-           'decode_image', 'preprocess', 'classify', 'ExplainTimeout', 'occlusion_map', 'ModelError', 'manifest_paths',
-           'model_name', 'Predictor']
-
-# %% ../nbs/20_serve.ipynb #13d01fd8
-INPUT_NAME, OUTPUT_NAME = 'image', 'logit'
-CLASS_NAMES = ('HP', 'SSA')            # index 1 is the positive class: p is always P(SSA)
-
-# %% ../nbs/20_serve.ipynb #0ca46a87
-def sigmoid(x) -> np.ndarray:
-    "P(SSA) from logits, as float64, without overflow for large |x|."
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+__all__ = ['MANIFEST_REQUIRED', 'ACCEPTED_FORMATS', 'RESIZE_POLICIES', 'check_manifest', 'read_manifest', 'ort_session',
+           'onnx_logits', 'open_model', 'ImageError', 'decode_image', 'preprocess', 'classify', 'ExplainTimeout',
+           'occlusion_map', 'ModelError', 'manifest_paths', 'model_name', 'Predictor']
 
 # %% ../nbs/20_serve.ipynb #d495f79d
 MANIFEST_REQUIRED = ('model', 'family', 'onnx', 'sha256', 'input', 'output', 'mean', 'std', 'class_names',
                      'threshold', 'threshold_rule')
-
-def sha256(path) -> str:
-    "Hex sha256 of the file `path`, read in 1 MB blocks."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
 
 # %% ../nbs/20_serve.ipynb #29050b7d
 def _bad(where, msg): return ValueError(f'{where}: {msg}')

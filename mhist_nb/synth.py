@@ -11,7 +11,7 @@ import numpy as np, pandas as pd
 from PIL import Image
 from scipy import ndimage
 from .data import COLUMNS, N_ANNOTATORS, TILE_SIZE
-from .serve import sigmoid
+from .core import sigmoid
 
 # %% auto #0
 __all__ = ['OFFICIAL_COUNTS', 'GENERATOR_VERSION', 'MARKER', 'MAX_TILT', 'CRYPT_SPACING', 'AXIS_JITTER', 'SEVERITY_SD',

@@ -9,7 +9,7 @@ __all__ = ['W_TOY', 'B_TOY', 'MEAN', 'STD', 'toy_onnx', 'expected_logit', 'patch
 import json
 from pathlib import Path
 import numpy as np
-from .serve import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sha256
+from .core import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sha256
 
 # %% ../nbs/25_toy_models.ipynb #9183eedc
 W_TOY, B_TOY = np.array([[2.0], [-1.5], [0.7]], np.float32), np.array([0.1], np.float32)

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 import numpy as np, pandas as pd
 from fastcore.basics import patch
-from .serve import CLASS_NAMES
+from .core import CLASS_NAMES
 from .data import MHISTData
 from .metrics import metrics_table
 from .models import count_parameters, model_summary
