@@ -20,6 +20,7 @@ from .data import MHISTData, dist_rank_world
 from .models import create
 from .trainer import Trainer
 from .tracking import DATA_PARAMS, MLflowCallback
+from .pruning import pruning_from_env
 
 # %% ../nbs/32_ddp.ipynb #db35c0e3
 BACKEND_ENV = 'MHIST_DDP_BACKEND'       # 'nccl' or 'gloo'; unset: NCCL when CUDA is available, else gloo
@@ -70,7 +71,6 @@ class EpochLogger(MLflowCallback):
 def _callbacks(cfg:dict, rank:int) -> list:
     "Rank 0's callbacks: the MLflow epoch logger (when the notebook tracks) and an Optuna sweep's pruner (when in one)."
     if rank: return []
-    from mhist_nb.distributed import pruning_from_env
     cbs = [EpochLogger(**cfg['mlflow'])] if cfg.get('mlflow') else []
     return cbs + [c for c in (pruning_from_env(),) if c is not None]
 

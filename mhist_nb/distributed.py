@@ -7,10 +7,10 @@ from __future__ import annotations
 import json, math, os, time
 from pathlib import Path
 import pandas as pd
+from .pruning import OPTUNA_ENV, pruner
 
 # %% auto #0
-__all__ = ['DUPLICATE', 'PRUNE_STARTUP', 'PRUNE_WARMUP', 'OPTUNA_ENV', 'encode_choice', 'decode_choice', 'suggest',
-           'duplicate_of', 'trials_used', 'grid_size', 'pruner', 'open_study', 'OptunaPruning', 'pruning_from_env',
+__all__ = ['DUPLICATE', 'encode_choice', 'decode_choice', 'suggest', 'duplicate_of', 'trials_used', 'grid_size', 'open_study',
            'optuna_loop', 'study_table', 'epoch_metric', 'run_optuna_sweep']
 
 # %% ../nbs/31_distributed.ipynb #dcaa8a27
@@ -48,13 +48,6 @@ def grid_size(grid:dict) -> int:
     return math.prod(len(v) for v in grid.values())
 
 # %% ../nbs/31_distributed.ipynb #f6f77ee5
-PRUNE_STARTUP, PRUNE_WARMUP = 2, 1     # finished trials before pruning starts; epochs every trial runs before it can be pruned
-
-def pruner():
-    "The median pruner every process of a sweep uses (the study does not store its pruner: each process builds it)."
-    import optuna
-    return optuna.pruners.MedianPruner(n_startup_trials=PRUNE_STARTUP, n_warmup_steps=PRUNE_WARMUP)
-
 def open_study(storage:str,            # a database URL
                name:str,               # the study's name (the sweep's)
                mode:str='max',         # the ranking rule's direction
@@ -67,32 +60,6 @@ def open_study(storage:str,            # a database URL
     if create: return optuna.create_study(study_name=name, direction='maximize' if mode == 'max' else 'minimize', load_if_exists=True, **kw)
     try: return optuna.load_study(study_name=name, **kw)
     except KeyError: raise RuntimeError(f'no study {name!r} in {storage}: start the sweep first (mhist sweep FILE, without --worker)') from None
-
-# %% ../nbs/31_distributed.ipynb #2441ece6
-from .trainer import Callback
-
-class OptunaPruning(Callback):
-    "Report `monitor` after each epoch to an Optuna `trial`; stop training when its pruner says so."
-    def __init__(self, trial, monitor:str): self.trial, self.monitor = trial, monitor
-
-    def on_epoch_end(self, trainer, row:dict):
-        v = row.get(self.monitor)
-        if v is None or not math.isfinite(v): return
-        self.trial.report(float(v), step=int(row['epoch']))
-        if self.trial.should_prune():
-            self.trial.set_user_attr('pruned_at_epoch', int(row['epoch']))
-            trainer.stop_requested = f"pruned by Optuna after epoch {row['epoch']} ({self.monitor} {v:.4f})"
-
-# %% ../nbs/31_distributed.ipynb #3525c5b5
-OPTUNA_ENV = ('MHIST_OPTUNA_STORAGE', 'MHIST_OPTUNA_STUDY', 'MHIST_OPTUNA_TRIAL_ID', 'MHIST_OPTUNA_MONITOR')
-
-def pruning_from_env() -> OptunaPruning|None:
-    "The `OptunaPruning` callback of the trial the environment names (set by an Optuna sweep), else None."
-    if not all(os.environ.get(k) for k in OPTUNA_ENV): return None
-    import optuna
-    storage, study, tid, monitor = (os.environ[k] for k in OPTUNA_ENV)
-    s = optuna.load_study(study_name=study, storage=storage, pruner=pruner())
-    return OptunaPruning(optuna.trial.Trial(s, int(tid)), monitor)
 
 # %% ../nbs/31_distributed.ipynb #211d68e3
 def _unseen(study, grid:dict, rng) -> dict|None:

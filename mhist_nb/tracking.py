@@ -15,6 +15,7 @@ from .metrics import metrics_table
 from .models import count_parameters, model_summary
 from .synth import synth
 from .trainer import Callback, Trainer, Selector
+from .pruning import pruning_from_env
 
 # %% auto #0
 __all__ = ['DATA_PARAMS', 'TRAINER_PARAMS', 'try_mlflow', 'project_dir', 'tracking_uri', 'tracking_enabled',
@@ -292,9 +293,8 @@ def experiment_trainer(net, data, out_dir, p:dict, # the notebook's parameters
     "(trainer, callback): a `Trainer` for `net` with an `MLflowCallback`, from a training notebook's parameters `p`."
     cb = MLflowCallback(p['experiment'], run_name=p['run_name'], data=data, val_dl=data.val, enabled=p['tracking'],
                         tracking_uri_=notebook_tracking_uri(), log_checkpoint=p['log_checkpoint'], params=log_params)
-    from mhist_nb.distributed import pruning_from_env               # an Optuna sweep's trial, when it runs this notebook
     kw = {**{k: p[k] for k in TRAINER_PARAMS if k in p}, **overrides}
-    cbs = [cb] + [c for c in (pruning_from_env(),) if c is not None]
+    cbs = [cb] + [c for c in (pruning_from_env(),) if c is not None]   # an Optuna sweep's trial, when it runs this notebook
     trainer = Trainer(net, pos_weight=float(data.pos_weight) if p['use_pos_weight'] else None,
                       selector=Selector(**p['selector']), ckpt_dir=Path(out_dir)/f"ckpt_{p['model']}", callbacks=cbs, **kw)
     return trainer, cb
