@@ -17,8 +17,8 @@ from .data import TILE_SIZE, decode_tile, make_transform
 # %% auto #0
 __all__ = ['CELLS', 'METHODS', 'evaluating', 'fast_layout', 'attention_probs', 'block_attentions', 'rollout', 'readout_of',
            'attention_rollout', 'integrated_gradients', 'ig_map', 'occlusion_map', 'randomized_copy', 'map_similarity',
-           'crypt_wall_masks', 'mass_share', 'gallery_cells', 'gallery', 'load_tiles', 'overlay', 'plot_gallery',
-           'explanation_maps']
+           'random_rho', 'crypt_wall_masks', 'mass_share', 'gallery_cells', 'gallery', 'load_tiles', 'overlay',
+           'plot_gallery', 'explanation_maps']
 
 # %% ../nbs/09_explain.ipynb #cb223321
 @contextmanager
@@ -131,6 +131,15 @@ def map_similarity(a, b) -> tuple[np.ndarray, float]:
     rho = np.array([np.nan if c else stats.spearmanr(u, v).statistic for u, v, c in zip(a, b, const)])
     return rho, float(np.median(rho[~const])) if (~const).any() else float('nan')
 
+# %% ../nbs/09_explain.ipynb #f0bcf26a
+def random_rho(maps, copies:list) -> np.ndarray:
+    "Per tile, the median over random-weight `copies` (each maps like `maps`) of Spearman's rho with `maps`; NaN if none is defined."
+    r = np.stack([map_similarity(maps, c)[0] for c in copies])
+    out = np.full(r.shape[1], np.nan)
+    some = np.isfinite(r).any(0)
+    out[some] = np.nanmedian(r[:, some], 0)
+    return out
+
 # %% ../nbs/09_explain.ipynb #bbc64b29
 def crypt_wall_masks(data_dir, names) -> np.ndarray:
     "Crypt-wall (epithelium) masks (n, 224, 224) of synthetic tiles `names`, redrawn exactly as mhist_nb.synth drew them."
@@ -215,14 +224,15 @@ def plot_gallery(tiles, maps, cells, captions, signed:bool=False, title:str='') 
 # %% ../nbs/09_explain.ipynb #8458a18e
 METHODS = ('rollout', 'integrated_gradients', 'occlusion')
 
-def explanation_maps(model:nn.Module, x:torch.Tensor, ig_steps:int=32, patch:int=32, stride:int=32) -> tuple[dict, dict, np.ndarray]:
-    "{method: maps (n, H, W) as numpy} of `model` on `x` (rollout only for a ViT), the seconds each took, and IG's deltas."
-    maps, secs = {}, {}
-    for method in METHODS:
+def explanation_maps(model:nn.Module, x:torch.Tensor, ig_steps:int=32, patch:int=32, stride:int=32,
+                     methods=METHODS) -> tuple[dict, dict, np.ndarray|None]:
+    "{method: maps (n, H, W) as numpy} of `model` on `x` for `methods` (rollout only for a ViT), their seconds, IG's deltas."
+    maps, secs, delta = {}, {}, None
+    for method in (m for m in METHODS if m in methods):
         if method == 'rollout' and not hasattr(model, 'blocks'): continue
         t0 = time.perf_counter()
         if method == 'rollout': m = attention_rollout(model, x)
         elif method == 'occlusion': m = occlusion_map(model, x, patch=patch, stride=stride)
         else: attr, delta = integrated_gradients(model, x, n_steps=ig_steps); m = attr.abs().sum(1)
         maps[method], secs[method] = m.float().cpu().numpy(), time.perf_counter() - t0
-    return maps, secs, delta.float().cpu().numpy()
+    return maps, secs, None if delta is None else delta.float().cpu().numpy()

@@ -13,11 +13,13 @@ import numpy as np, pandas as pd, yaml
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
            'MLFLOW_RETRY_BOUNDS', 'TQDM_WARNING_FILTER', 'TRACKING_WAYS_OUT', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS',
            'ParamsError', 'project_notebook', 'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members',
-           'coerce', 'dict_fields', 'check_param', 'load_params', 'is_weights_path', 'notebook_params',
+           'coerce', 'dict_fields', 'check_param', 'load_params', 'is_weights_path', 'resolve_paths', 'notebook_params',
            'notebook_timeout', 'NotebookError', 'to_html', 'mlflow_retry_bounds', 'kernel_env', 'run_notebook',
-           'TrackingUnavailable', 'check_tracking', 'start_run', 'wait_for_tracking', 'finish_run', 'path_problems',
-           'check_paths', 'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs',
-           'load_sweep', 'run_sweep', 'sagemaker_distributed', 'training_notebooks', 'sagemaker_join', 'sagemaker_main']
+           'TrackingUnavailable', 'check_tracking', 'tracking_client', 'start_run', 'wait_for_tracking', 'finish_run',
+           'path_problems', 'check_paths', 'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric',
+           'sweep_configs', 'load_sweep', 'sweep_trials', 'sweep_experiment', 'sweep_parent', 'run_sweep_trial',
+           'rank_trials', 'log_sweep', 'sagemaker_distributed', 'training_notebooks', 'sagemaker_join',
+           'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
 DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
@@ -357,7 +359,7 @@ def is_weights_path(v) -> bool:
             and (Path(v).suffix.lower() in WEIGHT_SUFFIXES or '/' in v or os.sep in v or v.startswith('~')))
 
 # %% ../nbs/30_pipeline.ipynb #bed4fe1e
-def _resolve_paths(p:dict) -> dict:
+def resolve_paths(p:dict) -> dict:
     "Path parameters of `p` made absolute against the working directory (`pretrained` only when it names a file)."
     for k in PATH_KEYS:
         v = p.get(k)
@@ -370,7 +372,7 @@ def notebook_params(cfg:dict, nb:str) -> dict:
     key, known = notebook_key(nb), cfg['_declared'][notebook_key(nb)]
     p = {k: v for k, v in cfg['common'].items() if k in known}
     p.update({k: v for k, v in (cfg.get(key) or {}).items() if k not in NB_RESERVED})
-    return _resolve_paths(p)
+    return resolve_paths(p)
 
 # %% ../nbs/30_pipeline.ipynb #dac685db
 def notebook_timeout(cfg:dict, nb:str) -> int|None:
@@ -516,7 +518,7 @@ def check_tracking(uri:str, timeout:float=5.0):
                                   f'{TRACKING_WAYS_OUT}') from None
 
 # %% ../nbs/30_pipeline.ipynb #4ccf4986
-def _client():
+def tracking_client():
     "An MLflow client for the tracking URI in use, after `check_tracking` found its server (if any) answering."
     from mlflow import MlflowClient
     from mhist_nb.tracking import tracking_uri
@@ -651,7 +653,7 @@ def run_pipeline(params_file,                 # a parameter file (path) or its d
     from mhist_nb.tracking import tracking_enabled
     cfg = load_params(params_file, overrides)
     name = name or cfg['name']
-    client, uri = _client() if tracking_enabled() else (None, None)      # the server is checked before anything starts
+    client, uri = tracking_client() if tracking_enabled() else (None, None)      # the server is checked before anything starts
     ensure_data(cfg, quiet)
     check_paths(cfg)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
@@ -769,28 +771,28 @@ def load_sweep(path, overrides:dict|None=None) -> dict:
                 seed=spec['seed'] or 0, rule=rule, storage=storage)
 
 # %% ../nbs/30_pipeline.ipynb #854ab049
-def _sweep_trials(spec:dict, sweep_file) -> tuple:
+def sweep_trials(spec:dict, sweep_file) -> tuple:
     "The configurations of a sweep and each trial's parameters (the notebook's, then the configuration), paths checked."
     cfg, nb = spec['cfg'], spec['notebook']
     base = notebook_params(cfg, nb)
     configs = sweep_configs(spec['grid'], spec['method'], spec.get('n_trials'), spec['seed'])
-    trials = [_resolve_paths({**base, **c}) for c in configs]
+    trials = [resolve_paths({**base, **c}) for c in configs]
     origin = lambda k: f'{nb}.{k}' if k in (cfg.get(nb) or {}) else f'common.{k}'
     problems = [p for c, t in zip(configs, trials) for p in path_problems(t, lambda k: f'grid.{k}' if k in c else origin(k))]
     if problems: raise ParamsError(sweep_file, list(dict.fromkeys(problems)))
     return configs, trials
 
 # %% ../nbs/30_pipeline.ipynb #f6272cd1
-def _sweep_experiment(spec:dict) -> str:
+def sweep_experiment(spec:dict) -> str:
     "The MLflow experiment of a sweep: its notebook's `experiment` (as the file sets it, else its default, else mhist-sweep)."
     cfg, nb = spec['cfg'], spec['notebook']
     return notebook_params(cfg, nb).get('experiment') or cfg['_declared'][nb].get('experiment', "'mhist-sweep'").strip('\'"')
 
 # %% ../nbs/30_pipeline.ipynb #9615ece2
-def _sweep_parent(client, uri, spec:dict, name:str, n_trials:int) -> str|None:
+def sweep_parent(client, uri, spec:dict, name:str, n_trials:int) -> str|None:
     "Create the parent MLflow run of a sweep, holding its grid, method and rule; None when tracking is off."
     if client is None: return None
-    return start_run(client, uri, _sweep_experiment(spec), f'{name} (sweep)', dict(grid=spec['grid'], method=spec['method'],
+    return start_run(client, uri, sweep_experiment(spec), f'{name} (sweep)', dict(grid=spec['grid'], method=spec['method'],
                      rule=spec['rule'], n_trials=n_trials), tags={'mhist.pipeline': name, 'mhist.sweep': 'parent'})
 
 # %% ../nbs/30_pipeline.ipynb #a3fa3def
@@ -801,7 +803,7 @@ def _trial_value(ok:bool, client, run_id, out_dir, monitor:str) -> float:
     return trial_metric(out_dir, monitor)
 
 # %% ../nbs/30_pipeline.ipynb #c59d73e8
-def _run_trial(i:int,                 # the trial's number
+def run_sweep_trial(i:int,                 # the trial's number
                c:dict,                # its configuration (grid values)
                params:dict,           # its notebook's parameters
                spec:dict,             # the sweep (`load_sweep`)
@@ -827,53 +829,18 @@ def _run_trial(i:int,                 # the trial's number
     return dict(trial=i, run_id=rid, status='FINISHED' if ok else 'FAILED', **flatten(c), **{mon: v})
 
 # %% ../nbs/30_pipeline.ipynb #90418b3e
-def _rank(rows:list[dict], rule:dict) -> pd.DataFrame:
+def rank_trials(rows:list[dict], rule:dict) -> pd.DataFrame:
     "The sweep table: one row per trial, best first by `rule` (NaN, a failed trial, last)."
     return pd.DataFrame(rows).sort_values(rule['monitor'], ascending=rule['mode'] == 'min', na_position='last', kind='stable')
 
 # %% ../nbs/30_pipeline.ipynb #e4309a54
-def _log_sweep(client, parent:str, table:pd.DataFrame, csv:Path, monitor:str):
+def log_sweep(client, parent:str, table:pd.DataFrame, csv:Path, monitor:str):
     "Attach the sweep table to the parent run, with the best trial's metric (when finite) and number."
     from mlflow.entities import Metric
     best = table.iloc[0]
     client.log_artifact(parent, str(csv))
     if np.isfinite(best[monitor]): client.log_batch(parent, metrics=[Metric(monitor, float(best[monitor]), int(time.time() * 1000), 0)])
     client.set_tag(parent, 'mhist.best_trial', str(best['trial']))
-
-# %% ../nbs/30_pipeline.ipynb #0b46483e
-def run_sweep(sweep_file,                     # a sweep file (YAML)
-              name:str|None=None,             # report folder (default: the file's `name`)
-              reports:str|Path='reports',     # reports root
-              quiet:bool=False,               # no progress output
-              overrides:dict|None=None,       # dotted keys of the base parameter file
-              top:int|None=None,              # rows of the ranking to return (default: the file's `top`, else all)
-              worker:bool=False               # method optuna: join the study another `run_sweep` started
-             ) -> pd.DataFrame:
-    "Run every configuration of a sweep (child MLflow runs of one parent, unless tracking is off); return the best `top`, ranked."
-    from mhist_nb.tracking import tracking_enabled
-    spec = load_sweep(sweep_file, overrides)
-    name = name or spec['name']
-    if spec['method'] == 'optuna':
-        from mhist_nb.distributed import run_optuna_sweep
-        return run_optuna_sweep(spec, sweep_file, name, reports, quiet, top, worker)
-    if worker: raise ParamsError(sweep_file, [f"--worker joins an Optuna study; this sweep's method is {spec['method']!r}"])
-    client, uri = _client() if tracking_enabled() else (None, None)       # MHIST_TRACKING=off: no MLflow at all
-    ensure_data(spec['cfg'], quiet)
-    configs, trials = _sweep_trials(spec, sweep_file)
-    out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
-    exp, parent = _sweep_experiment(spec), _sweep_parent(client, uri, spec, name, len(configs))
-    ok, rows = False, []
-    try:
-        for i, (c, params) in enumerate(zip(configs, trials)):
-            if not quiet: print(f'[{name}] trial {i + 1}/{len(configs)}: {c}', flush=True)
-            rows.append(_run_trial(i, c, params, spec, out, name, client, uri, exp, parent))
-        table = _rank(rows, spec['rule'])
-        table.to_csv(out/'sweep.csv', index=False)
-        if parent: _log_sweep(client, parent, table, out/'sweep.csv', spec['rule']['monitor'])
-        ok = True
-        return table.head(top or spec['top'] or len(table)).reset_index(drop=True)
-    finally:
-        if parent: client.set_terminated(parent, 'FINISHED' if ok else 'FAILED')
 
 # %% ../nbs/30_pipeline.ipynb #ed5ac319
 SM_VARS = ('SM_CHANNEL_TRAINING', 'SM_MODEL_DIR', 'SM_OUTPUT_DATA_DIR')
