@@ -20,7 +20,7 @@ come from `mhist_nb.synth` (3,152 at `--scale 1`). `--json FILE` writes the tabl
 Without a CUDA GPU it says so and exits 0; `--device cpu` with a tiny model (`--model vit_micro_conv --scale 0.02
 --batch 16 --no-compile`) runs the same code on a CPU, to check the script itself.
 """
-import argparse, json, os, sys, tempfile, time
+import argparse, json, os, shutil, sys, tempfile, time
 from pathlib import Path
 import torch
 from torch import nn
@@ -101,7 +101,7 @@ def bare(name, batches, device, amp, epochs, warmup, compiled=False):
 def trainer(name, train, val, device, amp, epochs, warmup, compiled=False):
     "Images/s of `Trainer`'s training phase (validation, metrics and checkpoints excluded); (img/s, first epoch s)."
     t = Trainer(fresh(name), lr=1e-4, quiet=True, amp={torch.bfloat16: 'bf16', None: 'off'}[amp], device=str(device),
-                seed=SEED, save_last=False, ckpt_dir=tempfile.mkdtemp(prefix='bench-gpu-'), compile=compiled)
+                seed=SEED, save_last=False, ckpt_dir=tempfile.mkdtemp(prefix='ckpt-', dir=TMP), compile=compiled)
     secs, n, inner = [], [], t._train_epoch
     def timed(dl, epoch):
         s = time.perf_counter(); out = inner(dl, epoch); sync(device)
@@ -112,7 +112,18 @@ def trainer(name, train, val, device, amp, epochs, warmup, compiled=False):
     return sum(n[warmup:]) / sum(secs[warmup:]), secs[0]
 
 
+TMP = None       # this run's scratch folder (synthetic tiles, checkpoints), removed at the end
+
+
 def main(argv=None):
+    "Run `measure` in a scratch folder that is removed afterwards, whatever happens."
+    global TMP
+    TMP = tempfile.mkdtemp(prefix='mhist-bench-gpu-')
+    try: return measure(argv)
+    finally: shutil.rmtree(TMP, ignore_errors=True)
+
+
+def measure(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--model', default='vit_base'); ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--epochs', type=int, default=2); ap.add_argument('--warmup', type=int, default=1)
@@ -127,7 +138,7 @@ def main(argv=None):
     device = torch.device(a.device or 'cuda')
     amp = torch.bfloat16 if device.type == 'cuda' else None
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
-    data_dir = Path(a.data_dir) if a.data_dir else synth(Path(tempfile.mkdtemp()) / 'synth', scale=a.scale, seed=0,
+    data_dir = Path(a.data_dir) if a.data_dir else synth(Path(TMP) / 'synth', scale=a.scale, seed=0,
                                                           n_jobs=os.cpu_count() or 1)
     aug = dict(flips=True, rot90=True)
     mk = lambda **kw: MHISTData(data_dir, batch_size=a.batch, seed=SEED, augment=aug, device=str(device), **kw)
