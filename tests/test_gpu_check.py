@@ -42,3 +42,21 @@ def test_gpu_check_on_the_cpu(tmp_path):
     md = (tmp_path/'summary.md').read_text()
     assert 'FAILED' in md and all(line.count(' | ') == 3 for line in md.splitlines() if line.startswith('| '))   # 4 cells
     assert md in r.stdout
+
+
+def test_failing_and_skipped_tests_reach_the_table(tmp_path):
+    "A real pytest JUnit report of a passing, a failing and a skipped test becomes three rows with those statuses."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_check', ROOT/'tools'/'gpu_check.py')
+    gc = importlib.util.module_from_spec(spec); spec.loader.exec_module(gc)
+    (tmp_path/'test_x.py').write_text('import pytest\n'
+                                      'def test_ok(): print("figure 1.5")\n'
+                                      'def test_bad(): assert 1 == 2, "the loss drifted"\n'
+                                      '@pytest.mark.skip(reason="needs 2 GPUs")\ndef test_skip(): pass\n')
+    subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-o', 'junit_logging=system-out',
+                    '--junitxml', str(tmp_path/'r.xml'), str(tmp_path/'test_x.py')], cwd=tmp_path, capture_output=True, timeout=120)
+    rows = {r['check']: r for r in gc.junit_rows(tmp_path/'r.xml')}
+    assert rows['test: test_ok']['status'] == 'pass' and rows['test: test_ok']['detail'] == 'figure 1.5'
+    assert rows['test: test_bad']['status'] == 'fail' and 'the loss drifted' in rows['test: test_bad']['detail']
+    assert rows['test: test_skip'] == dict(check='test: test_skip', status='skip', seconds=0.0, detail='needs 2 GPUs')
+    assert 'FAIL' in gc.table(list(rows.values()))
