@@ -14,7 +14,7 @@ from torch import nn
 import onnx, onnxruntime as ort
 from PIL import Image
 from .data import MHISTData
-from .metrics import all_metrics
+from .metrics import all_metrics, threshold_by_roc_curve
 from .models import create, count_parameters
 from .synth import synth
 from .tracking import try_mlflow
@@ -366,9 +366,6 @@ def pixel_stats(folder, names) -> tuple:
         x = np.asarray(Image.open(Path(folder)/'images'/name).convert('RGB'), np.int64).reshape(-1, 3)
         s, s2, n = s + x.sum(0), s2 + (x * x).sum(0), n + len(x)
     return s / n / 255, np.sqrt(s2 / n - (s / n) ** 2) / 255
-
-# %% ../nbs/07_export.ipynb #511511d6
-from .report import threshold_by_roc_curve
 
 # %% ../nbs/07_export.ipynb #c7947f00
 def expected_threshold(out_dir, family:str) -> tuple:

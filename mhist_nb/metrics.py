@@ -8,13 +8,13 @@ import warnings
 import numpy as np, pandas as pd
 from scipy.optimize import minimize_scalar
 from scipy.stats import rankdata
-from sklearn.metrics import roc_auc_score, average_precision_score, log_loss, brier_score_loss
+from sklearn.metrics import roc_auc_score, average_precision_score, log_loss, brier_score_loss, roc_curve
 from .core import sigmoid
 
 # %% auto #0
 __all__ = ['RANKING_METRICS', 'THRESHOLD_METRICS', 'METRICS', 'REPORT_METRICS', 'THRESHOLD_RULES', 'ece', 'calibration_table',
            'ranking_metrics', 'threshold_metrics', 'all_metrics', 'bootstrap_ci', 'paired_bootstrap', 'metrics_table',
-           'choose_threshold', 'threshold_sweep', 'fit_temperature', 'apply_temperature']
+           'choose_threshold', 'threshold_by_roc_curve', 'threshold_sweep', 'fit_temperature', 'apply_temperature']
 
 # %% ../nbs/03_metrics.ipynb #16dea5e0
 RANKING_METRICS = ('auc', 'ap', 'log_loss', 'brier', 'ece')
@@ -291,6 +291,19 @@ def choose_threshold(y,                      # 0/1 validation labels, 1 = SSA
     if rule == 'max_f2': return _best(5 * tp / (5 * tp + 4 * fn + fp), t)
     if rule == 'spec_at_sens': return float(t[np.flatnonzero(tp / n_pos >= target_tpr - 1e-12)[0]])
     return _best(-(cost_fn * fn + cost_fp * fp), t)
+
+# %% ../nbs/03_metrics.ipynb #0af9ad8c
+def threshold_by_roc_curve(y, p, rule:str, target_tpr:float=0.9, cost_fn:float=5.0, cost_fp:float=1.0) -> float:
+    "A rule's threshold recomputed from scikit-learn's roc_curve: its definition over every candidate, ties to the larger."
+    if rule == 'fixed': return 0.5
+    y = np.asarray(y)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    tp, fp, thr = np.rint(tpr[1:] * n_pos), np.rint(fpr[1:] * n_neg), thr[1:]     # less the point that calls nothing
+    fn = n_pos - tp
+    score = dict(youden=tp / n_pos - fp / n_neg, max_f2=5 * tp / (5 * tp + 4 * fn + fp),
+                 spec_at_sens=(tp / n_pos >= target_tpr - 1e-12).astype(float), cost=-(cost_fn * fn + cost_fp * fp))[rule]
+    return float(thr[np.flatnonzero(score >= score.max() - 1e-12)[0]])      # thresholds fall: the first is the larger
 
 # %% ../nbs/03_metrics.ipynb #51f56156
 def threshold_sweep(y, p, thresholds=None) -> pd.DataFrame:

@@ -18,13 +18,12 @@ from .core import CLASS_NAMES, sigmoid
 __all__ = ['PALETTE', 'SIMULATED_FAMILIES', 'DEMO_SSA_SHARE', 'PREDICTION_COLUMNS', 'INTERVAL_METRICS', 'COUNTS', 'GRID',
            'RULE_STYLE', 'SWEEP_METRICS', 'STANDINS', 'WALL_SIDES', 'file_audit', 'label_table', 'plot_label_counts',
            'agreement_table', 'plot_agreement', 'plot_samples', 'plot_channel_histograms', 'write_demo_predictions',
-           'read_family', 'rule_thresholds', 'threshold_by_roc_curve', 'rules_table', 'interval_text', 'show_intervals',
-           'roc_on_grid', 'pr_on_grid', 'curve_bands', 'plot_roc_pr', 'plot_sweep', 'temperature_scaling',
-           'calls_changed', 'plot_reliability', 'errors_by_votes', 'plot_votes', 'threshold_manifest', 'log_to_run',
-           'run_stats', 'ci_text', 'rule_description', 'target_sentence', 'shift_sentence', 'temperature_sentence',
-           'votes_sentence', 'threshold_conclusion', 'ranking_table', 'plot_auc_intervals', 'cost_table',
-           'write_explain_standins', 'randomisation_row', 'wall_share_row', 'method_sentence', 'wall_verdict',
-           'method_summary']
+           'read_family', 'rule_thresholds', 'rules_table', 'interval_text', 'show_intervals', 'roc_on_grid',
+           'pr_on_grid', 'curve_bands', 'plot_roc_pr', 'plot_sweep', 'temperature_scaling', 'calls_changed',
+           'plot_reliability', 'errors_by_votes', 'plot_votes', 'threshold_manifest', 'log_to_run', 'run_stats',
+           'ci_text', 'rule_description', 'target_sentence', 'shift_sentence', 'temperature_sentence', 'votes_sentence',
+           'threshold_conclusion', 'ranking_table', 'plot_auc_intervals', 'cost_table', 'write_explain_standins',
+           'randomisation_row', 'wall_share_row', 'method_sentence', 'wall_verdict', 'method_summary']
 
 # %% ../nbs/08_report.ipynb #ed61fc47
 def file_audit(data_dir, names) -> pd.DataFrame:
@@ -148,19 +147,6 @@ def rule_thresholds(y, p, target_tpr:float=0.90, cost_fn:float=5.0, cost_fp:floa
     "{rule: threshold} for every rule of THRESHOLD_RULES, chosen on labels `y` and probabilities `p`."
     return {r: choose_threshold(y, p, r, target_tpr=target_tpr, cost_fn=cost_fn, cost_fp=cost_fp, fixed=fixed)
             for r in THRESHOLD_RULES}
-
-# %% ../nbs/08_report.ipynb #0af9ad8c
-def threshold_by_roc_curve(y, p, rule:str, target_tpr:float=0.9, cost_fn:float=5.0, cost_fp:float=1.0) -> float:
-    "A rule's threshold recomputed from scikit-learn's roc_curve: its definition over every candidate, ties to the larger."
-    if rule == 'fixed': return 0.5
-    y = np.asarray(y)
-    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
-    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
-    tp, fp, thr = np.rint(tpr[1:] * n_pos), np.rint(fpr[1:] * n_neg), thr[1:]     # less the point that calls nothing
-    fn = n_pos - tp
-    score = dict(youden=tp / n_pos - fp / n_neg, max_f2=5 * tp / (5 * tp + 4 * fn + fp),
-                 spec_at_sens=(tp / n_pos >= target_tpr - 1e-12).astype(float), cost=-(cost_fn * fn + cost_fp * fp))[rule]
-    return float(thr[np.flatnonzero(score >= score.max() - 1e-12)[0]])      # thresholds fall: the first is the larger
 
 # %% ../nbs/08_report.ipynb #2794aa69
 INTERVAL_METRICS = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1', 'f2', 'balanced_accuracy', 'mcc')
