@@ -98,10 +98,10 @@ def bare(name, batches, device, amp, epochs, warmup, compiled=False):
     return epochs * sum(len(y) for _, y in batches) / (time.perf_counter() - t), first
 
 
-def trainer(name, train, val, device, amp, epochs, warmup, compiled=False):
+def trainer(name, train, val, device, amp, epochs, warmup, scratch, compiled=False):
     "Images/s of `Trainer`'s training phase (validation, metrics and checkpoints excluded); (img/s, first epoch s)."
     t = Trainer(fresh(name), lr=1e-4, quiet=True, amp={torch.bfloat16: 'bf16', None: 'off'}[amp], device=str(device),
-                seed=SEED, save_last=False, ckpt_dir=tempfile.mkdtemp(prefix='ckpt-', dir=TMP), compile=compiled)
+                seed=SEED, save_last=False, ckpt_dir=tempfile.mkdtemp(prefix='ckpt-', dir=scratch), compile=compiled)
     secs, n, inner = [], [], t._train_epoch
     def timed(dl, epoch):
         s = time.perf_counter(); out = inner(dl, epoch); sync(device)
@@ -112,18 +112,14 @@ def trainer(name, train, val, device, amp, epochs, warmup, compiled=False):
     return sum(n[warmup:]) / sum(secs[warmup:]), secs[0]
 
 
-TMP = None       # this run's scratch folder (synthetic tiles, checkpoints), removed at the end
-
-
 def main(argv=None):
-    "Run `measure` in a scratch folder that is removed afterwards, whatever happens."
-    global TMP
-    TMP = tempfile.mkdtemp(prefix='mhist-bench-gpu-')
-    try: return measure(argv)
-    finally: shutil.rmtree(TMP, ignore_errors=True)
+    "Run `measure` in a scratch folder (synthetic tiles, checkpoints) that is removed afterwards, whatever happens."
+    scratch = Path(tempfile.mkdtemp(prefix='mhist-bench-gpu-'))
+    try: return measure(argv, scratch)
+    finally: shutil.rmtree(scratch, ignore_errors=True)
 
 
-def measure(argv=None):
+def measure(argv, scratch: Path):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--model', default='vit_base'); ap.add_argument('--batch', type=int, default=128)
     ap.add_argument('--epochs', type=int, default=2); ap.add_argument('--warmup', type=int, default=1)
@@ -138,7 +134,7 @@ def measure(argv=None):
     device = torch.device(a.device or 'cuda')
     amp = torch.bfloat16 if device.type == 'cuda' else None
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
-    data_dir = Path(a.data_dir) if a.data_dir else synth(Path(TMP) / 'synth', scale=a.scale, seed=0,
+    data_dir = Path(a.data_dir) if a.data_dir else synth(scratch / 'synth', scale=a.scale, seed=0,
                                                           n_jobs=os.cpu_count() or 1)
     aug = dict(flips=True, rot90=True)
     mk = lambda **kw: MHISTData(data_dir, batch_size=a.batch, seed=SEED, augment=aug, device=str(device), **kw)
@@ -154,14 +150,14 @@ def measure(argv=None):
         ips, first = fn(); rows.append((label, ips, first)); print(f'  {label:<42} {ips:9.1f} img/s', flush=True)
     e, w = a.epochs, a.warmup
     add('bare loop, GPU batches', lambda: bare(a.model, batches, device, amp, e, w))
-    add('Trainer, same batches', lambda: trainer(a.model, batches, val_batches, device, amp, e, w))
+    add('Trainer, same batches', lambda: trainer(a.model, batches, val_batches, device, amp, e, w, scratch))
     wk = mk(data_device='workers', num_workers=a.workers)
-    add(f'Trainer + MHISTData, workers ({a.workers})', lambda: trainer(a.model, wk.train, wk.val, device, amp, e, w))
+    add(f'Trainer + MHISTData, workers ({a.workers})', lambda: trainer(a.model, wk.train, wk.val, device, amp, e, w, scratch))
     del wk
-    add('Trainer + MHISTData, device', lambda: trainer(a.model, dev_data.train, dev_data.val, device, amp, e, w))
+    add('Trainer + MHISTData, device', lambda: trainer(a.model, dev_data.train, dev_data.val, device, amp, e, w, scratch))
     if not a.no_compile:
         add('bare loop, compiled', lambda: bare(a.model, batches, device, amp, e, w + 1, compiled=True))
-        add('Trainer + MHISTData, device, compiled', lambda: trainer(a.model, dev_data.train, dev_data.val, device, amp, e, w + 1, compiled=True))
+        add('Trainer + MHISTData, device, compiled', lambda: trainer(a.model, dev_data.train, dev_data.val, device, amp, e, w + 1, scratch, compiled=True))
     flops = model_flops(lambda: create(a.model), device, amp)
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
     peak, key = datasheet_peak(name) if device.type == 'cuda' else (float('nan'), '')

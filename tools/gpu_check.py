@@ -17,7 +17,7 @@ steps on the CPU with tiny settings, which is how `make test` checks this script
 
     python3 tools/gpu_check.py [--out reports/gpu-check] [--only tests benchmark ...] [--device cpu] [--floor 0.9]
 """
-import argparse, importlib.util, json, os, platform, subprocess, sys, time
+import argparse, importlib.util, json, os, platform, subprocess, sys, threading, time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -43,15 +43,13 @@ def run(cmd, log: Path, timeout: float, env=None) -> tuple[int, float]:
     t = time.perf_counter()
     with open(log, 'w') as f:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline = t + timeout
-            for line in p.stdout:
-                f.write(line); print(line, end='', flush=True)
-                if time.perf_counter() > deadline: raise subprocess.TimeoutExpired(cmd, timeout)
-            rc = p.wait(max(1, deadline - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            p.kill(); p.wait(); rc = 124
-            f.write(f'\n[gpu_check] timed out after {timeout} s\n')
+        def copy():                                     # a thread, so that a silent, hung step still times out
+            for line in p.stdout: f.write(line); print(line, end='', flush=True)
+        reader = threading.Thread(target=copy, daemon=True); reader.start()
+        try: rc = p.wait(timeout)
+        except subprocess.TimeoutExpired: p.kill(); p.wait(); rc = 124
+        reader.join(5)
+        if rc == 124: f.write(f'\n[gpu_check] timed out after {timeout} s\n')
     return rc, time.perf_counter() - t
 
 
