@@ -14,12 +14,12 @@ from torchvision.transforms import v2
 from .core import CLASS_NAMES
 
 # %% auto #0
-__all__ = ['COLUMNS', 'SHORT_NAMES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 'RGB_FROM_HED', 'HED_FROM_RGB', 'MHISTError',
-           'check_annotations', 'check_image', 'read_mhist', 'add_split', 'fingerprint', 'disk_cache_file',
-           'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats', 'draw_augment',
-           'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform', 'MHISTDataset',
-           'shard', 'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler', 'default_workers',
-           'dist_rank_world', 'rank_device', 'resolve_data_device', 'DeviceLoader', 'MHISTData']
+__all__ = ['COLUMNS', 'SHORT_NAMES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 'CACHE_MODES', 'RGB_FROM_HED', 'HED_FROM_RGB',
+           'MHISTError', 'check_annotations', 'check_image', 'read_mhist', 'add_split', 'fingerprint',
+           'disk_cache_file', 'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats',
+           'draw_augment', 'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform',
+           'MHISTDataset', 'shard', 'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler',
+           'default_workers', 'dist_rank_world', 'rank_device', 'resolve_data_device', 'DeviceLoader', 'MHISTData']
 
 # %% ../nbs/00_data.ipynb #6c635d8a
 COLUMNS = ('Image Name', 'Majority Vote Label', 'Number of Annotators who Selected SSA (Out of 7)', 'Partition')
@@ -152,6 +152,9 @@ def decode_tile(path) -> np.ndarray:
     "Decode one PNG tile to an (H, W, 3) uint8 array."
     with Image.open(path) as im: return np.asarray(im.convert('RGB'))
 
+# %% ../nbs/00_data.ipynb #8b7fa728
+CACHE_MODES = ('memory', 'disk', 'none')   # `TileCache` modes: decoded tiles kept in memory, in a memmap on disk, or not at all
+
 # %% ../nbs/00_data.ipynb #8d423cf7
 class TileCache:
     "Tiles of `root` decoded once into uint8 (N, H, W, 3): `mode` is 'memory', 'disk' (memmap) or 'none'."
@@ -163,7 +166,7 @@ class TileCache:
                  size:int=TILE_SIZE,    # the tiles' side in pixels
                  progress:bool=False,   # show progress bars while decoding
                 ):
-        if mode not in ('memory', 'disk', 'none'): raise ValueError(f"cache mode must be 'memory', 'disk' or 'none', got {mode!r}")
+        if mode not in CACHE_MODES: raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}; got {mode!r}")
         self.root, self.names, self.mode, self.progress = Path(root), list(names), mode, progress
         self.index = {n: i for i, n in enumerate(self.names)}
         self.shape = (len(self.names), size, size, 3)

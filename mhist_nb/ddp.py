@@ -19,7 +19,8 @@ __all__ = ['BACKEND_ENV', 'claim_gpu', 'init_distributed', 'trainer_options', 'd
 from .data import MHISTData, dist_rank_world
 from .models import create
 from .trainer import Trainer
-from .tracking import DATA_PARAMS, MLflowCallback
+from .tracking import MLflowCallback
+from .experiment import TrainParams
 from .pruning import pruning_from_env
 
 # %% ../nbs/32_ddp.ipynb #db35c0e3
@@ -52,9 +53,10 @@ def trainer_options(trainer:Trainer) -> dict:
                 save_last=trainer.save_last, quiet=trainer.quiet)
 
 # %% ../nbs/32_ddp.ipynb #f2e48250
-def data_options(p:dict, data:MHISTData) -> dict:
-    "The `MHISTData` arguments (JSON) of a training notebook with parameters `p` whose data is `data`."
-    return dict(data_dir=str(data.root), **{k: p[k] for k in DATA_PARAMS if k in p})
+def data_options(data_kw:dict, # the notebook's `MHISTData` arguments: `TrainParams.to('data')`
+                 data:MHISTData) -> dict:
+    "The `MHISTData` arguments (JSON) that rebuild `data` in another process."
+    return dict(data_dir=str(data.root), **data_kw)
 
 # %% ../nbs/32_ddp.ipynb #9f8dca1f
 class EpochLogger(MLflowCallback):
@@ -170,9 +172,9 @@ def fit_torchrun(trainer:Trainer, data:dict, # `data_options` of the notebook
     return hist
 
 # %% ../nbs/32_ddp.ipynb #ad6e6e39
-def fit_experiment(trainer:Trainer, data:MHISTData, p:dict, # a training notebook's parameters
+def fit_experiment(trainer:Trainer, data:MHISTData, p:TrainParams, # a training notebook's parameters
                    model_kw:dict, method:str='fit', **fit) -> pd.DataFrame:
     "`trainer.<method>(data.train, data.val, **fit)`, or under torchrun when the notebook's `distributed` asks for it."
-    if not p.get('distributed'): return getattr(trainer, method)(data.train, data.val, **fit)
-    return fit_torchrun(trainer, data_options(p, data), p['model'], model_kw, dict(method=method, **fit), p['distributed'],
-                        quiet=p.get('quiet', False))
+    if not p.distributed: return getattr(trainer, method)(data.train, data.val, **fit)
+    return fit_torchrun(trainer, data_options(p.to('data'), data), p.model, model_kw, dict(method=method, **fit),
+                        p.distributed, quiet=p.quiet)

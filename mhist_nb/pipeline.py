@@ -8,6 +8,7 @@ import ast, copy, dataclasses, functools, inspect, itertools, json, os, shutil, 
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, yaml
+from .experiment import EXPERIMENTS, param_problems
 
 # %% auto #0
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
@@ -330,6 +331,17 @@ def _check_synth(cfg:dict, common:dict, problems:list):
             except ValueError as e: problems.append(f'synth.{k}: {e}')
     if 'data_dir' not in common: problems.append('synth: needs common.data_dir (where to write the tiles)')
 
+# %% ../nbs/30_pipeline.ipynb #44a223de
+def _check_ranges(cfg:dict, declared:dict, common:dict, problems:list):
+    "Each training notebook's values (its defaults, then `common`, then its block) against its `EXPERIMENTS` declaration."
+    for nb, known in declared.items():
+        if (cls := EXPERIMENTS.get(nb)) is None: continue
+        try: values = {k: ast.literal_eval(d) for k, d in known.items()}
+        except (ValueError, SyntaxError): continue           # a default that is not a literal: the kernel checks it
+        values.update({k: v for k, v in common.items() if k in known})
+        values.update({k: v for k, v in (cfg.get(nb) or {}).items() if k not in NB_RESERVED})
+        problems += [f'{nb}.{m}' for m in param_problems(cls, values)]
+
 # %% ../nbs/30_pipeline.ipynb #92be51c1
 def load_params(source, overrides:dict|None=None) -> dict:
     "Read a pipeline parameter file (path or dict), apply dotted `overrides`, check and type every key; return the config."
@@ -345,6 +357,7 @@ def load_params(source, overrides:dict|None=None) -> dict:
     common = _check_common(cfg, declared, types, problems)
     if 'timeout' in cfg: cfg['timeout'] = _timeout(cfg['timeout'], 'timeout', problems)
     _check_synth(cfg, common, problems)
+    if not problems: _check_ranges(cfg, declared, common, problems)      # on typed values only
     if problems: raise ParamsError(src, list(dict.fromkeys(problems)))
     return dict(cfg, run=run, common=common, name=str(cfg.get('name') or (Path(src).stem if src != '<params>' else 'run')),
                 _declared=declared, _types=types, _source=src)

@@ -10,18 +10,12 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from fastcore.basics import patch
 from .core import CLASS_NAMES
-from .data import MHISTData
-from .metrics import metrics_table
-from .models import count_parameters, model_summary
-from .synth import synth
-from .trainer import Callback, Trainer, Selector
-from .pruning import pruning_from_env
+from .models import model_summary
+from .trainer import Callback
 
 # %% auto #0
-__all__ = ['DATA_PARAMS', 'TRAINER_PARAMS', 'try_mlflow', 'project_dir', 'tracking_uri', 'tracking_enabled',
-           'notebook_tracking_uri', 'get_experiment_id', 'git_commit', 'versions', 'flatten', 'plot_history',
-           'plot_confusion', 'MLflowCallback', 'log_outputs', 'experiment_data', 'experiment_trainer', 'predict_splits',
-           'save_experiment', 'experiment_conclusion']
+__all__ = ['try_mlflow', 'project_dir', 'tracking_uri', 'tracking_enabled', 'notebook_tracking_uri', 'get_experiment_id',
+           'git_commit', 'versions', 'flatten', 'plot_history', 'plot_confusion', 'MLflowCallback', 'log_outputs']
 
 # %% ../nbs/06_tracking.ipynb #9ecf1396
 def try_mlflow(what:str, # what was being done, for the warning ("logging the history")
@@ -267,76 +261,3 @@ def log_outputs(cb:MLflowCallback, paths, artifact_path:str|None=None, metrics:d
     if metrics:
         ts = int(time.time() * 1000)
         cb._safe('logging metrics', cb.client.log_batch, cb.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
-
-# %% ../nbs/06_tracking.ipynb #4d11860f
-DATA_PARAMS = ('batch_size', 'val_frac', 'seed', 'cache', 'augment', 'balance', 'num_workers', 'data_device', 'device',
-               'size')   # a training notebook's parameters that go to `MHISTData` (those it has)
-
-# %% ../nbs/06_tracking.ipynb #6af3235b
-def experiment_data(p:dict) -> tuple:
-    "(data, out_dir, synthetic) of a training notebook with parameters `p`; a synthetic stand-in when `data_dir` is None."
-    synthetic = p['data_dir'] is None
-    data_dir = synth(Path(tempfile.mkdtemp())/'synth', scale=p['scale'], seed=p['seed']) if synthetic else p['data_dir']
-    out_dir = Path(p['out_dir']) if p['out_dir'] else Path(tempfile.mkdtemp())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = MHISTData(data_dir, include_test=True, **{k: p[k] for k in DATA_PARAMS if k in p})
-    return data, out_dir, synthetic
-
-# %% ../nbs/06_tracking.ipynb #cb9ed089
-TRAINER_PARAMS = ('lr', 'optimizer', 'weight_decay', 'scheduler', 'warmup_epochs', 'grad_clip', 'accum_steps', 'patience',
-                  'threshold', 'amp', 'device', 'seed', 'save_last', 'quiet', 'compile', 'deterministic')   # those that go to `Trainer`
-
-# %% ../nbs/06_tracking.ipynb #a06cbacd
-def experiment_trainer(net, data, out_dir, p:dict, # the notebook's parameters
-                       log_params:dict, # logged to MLflow besides the trainer's own (the notebook's choices)
-                       **overrides) -> tuple:
-    "(trainer, callback): a `Trainer` for `net` with an `MLflowCallback`, from a training notebook's parameters `p`."
-    cb = MLflowCallback(p['experiment'], run_name=p['run_name'], data=data, val_dl=data.val, enabled=p['tracking'],
-                        tracking_uri_=notebook_tracking_uri(), log_checkpoint=p['log_checkpoint'], params=log_params)
-    kw = {**{k: p[k] for k in TRAINER_PARAMS if k in p}, **overrides}
-    cbs = [cb] + [c for c in (pruning_from_env(),) if c is not None]   # an Optuna sweep's trial, when it runs this notebook
-    trainer = Trainer(net, pos_weight=float(data.pos_weight) if p['use_pos_weight'] else None,
-                      selector=Selector(**p['selector']), ckpt_dir=Path(out_dir)/f"ckpt_{p['model']}", callbacks=cbs, **kw)
-    return trainer, cb
-
-# %% ../nbs/06_tracking.ipynb #1d67eecb
-def predict_splits(trainer, data, threshold:float, seed:int, n_resamples:int=1000) -> tuple:
-    "(pred_val, pred_test, val_table): predictions tagged with their split, and validation metrics with bootstrap CIs."
-    pred_val = trainer.predict(data.val).assign(split='val')
-    val_table = metrics_table(pred_val.y, pred_val.p, threshold=threshold, n_resamples=n_resamples, seed=seed).round(4)
-    return pred_val, trainer.predict(data.test).assign(split='test'), val_table
-
-# %% ../nbs/06_tracking.ipynb #d87117a8
-def save_experiment(out_dir, family:str, trainer, data, cb:MLflowCallback, model:str, model_kw:dict, pred_val, pred_test,
-                    val_table, train_seconds:float, input_size:int=224) -> dict:
-    "Write predictions, metrics, history and `run_{family}.json` into `out_dir`, log them to the run; return the run info."
-    out_dir = Path(out_dir)
-    files = dict(val=out_dir/f'predictions_{family}_val.csv', test=out_dir/f'predictions_{family}_test.csv',
-                 metrics=out_dir/f'metrics_{family}_val.csv', history=out_dir/f'history_{family}.csv',
-                 run=out_dir/f'run_{family}.json')
-    pred_val.to_csv(files['val'], index=False); pred_test.to_csv(files['test'], index=False)
-    val_table.to_csv(files['metrics']); trainer.history_df.to_csv(files['history'], index=False)
-    best = trainer.best or trainer.best_any
-    info = dict(family=family, model=model, model_kw=model_kw, checkpoint=str(trainer.ckpt_dir/'best.pt'),
-                run_id=cb.run_id if cb.enabled else None, tracking_uri=cb.uri, experiment=cb.experiment,
-                mean=data.mean, std=data.std, input_size=input_size, class_names=list(CLASS_NAMES), data_dir=str(data.root),
-                data_fingerprint=data.cache.key, val_frac=data.val_frac, seed=data.seed, params=count_parameters(trainer.model), train_seconds=train_seconds,
-                best_epoch=int(best['epoch']), best_val_auc=float(best['val_auc']), selected_by=trainer.selected_by,
-                predictions=dict(val=str(files['val']), test=str(files['test'])))
-    files['run'].write_text(json.dumps(info, indent=2))
-    log_outputs(cb, [files[k] for k in ('val', 'test', 'metrics', 'run')], 'predictions', metrics=dict(train_seconds=train_seconds))
-    return info
-
-# %% ../nbs/06_tracking.ipynb #42a7b3d7
-def experiment_conclusion(trainer, model:str, val_table, threshold:float, train_seconds:float, synthetic:bool,
-                          extra=()) -> str:
-    "The conclusion both training notebooks share, as Markdown bullet lines, with the notebook's `extra` lines."
-    hist, best, auc, s = trainer.history_df, trainer.best or trainer.best_any, val_table.loc['auc'], model_summary(trainer.model)
-    stage = f" ({best['stage']} stage)" if hist.stage.nunique() > 1 else ''
-    lines = [f"* {model} ({s['params']:,} parameters, {s['size_mb_fp32']:.0f} MB in float32) trained "
-             f"{len(hist)} epoch(s) in {train_seconds:.0f} s on {trainer.device}.",
-             f"* Selected epoch {best['epoch']}{stage} by the rule *{trainer.selected_by}*: validation AUC "
-             f"**{auc['estimate']:.3f}** (95% CI {auc['low']:.3f}–{auc['high']:.3f}), "
-             f"balanced accuracy {val_table.loc['balanced_accuracy', 'estimate']:.3f} at threshold {threshold}.", *extra]
-    if synthetic: lines.append('* Synthetic tiles: a demonstration of the pipeline, not an MHIST result.')
-    return '\n'.join(lines)

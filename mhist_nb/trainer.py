@@ -19,8 +19,8 @@ from .metrics import all_metrics
 from .models import freeze_body, unfreeze
 
 # %% auto #0
-__all__ = ['BF16_CAPABILITY', 'CUBLAS_DETERMINISTIC', 'PER_STEP_SCHEDULERS', 'seed_everything', 'pick_device', 'amp_dtype',
-           'Selector', 'Callback', 'deterministic_kernels', 'Trainer']
+__all__ = ['AMP_MODES', 'BF16_CAPABILITY', 'OPTIMIZERS', 'SCHEDULERS', 'CUBLAS_DETERMINISTIC', 'PER_STEP_SCHEDULERS',
+           'seed_everything', 'pick_device', 'amp_dtype', 'Selector', 'Callback', 'deterministic_kernels', 'Trainer']
 
 # %% ../nbs/05_trainer.ipynb #2834f53c
 def seed_everything(seed:int):
@@ -36,12 +36,15 @@ def pick_device(device:str='auto') -> torch.device:
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
+# %% ../nbs/05_trainer.ipynb #f9b70235
+AMP_MODES = ('auto', 'bf16', 'fp16', 'off')   # mixed precision: by the GPU's compute capability, bfloat16, float16, none
+
 # %% ../nbs/05_trainer.ipynb #2dd0a682
 BF16_CAPABILITY = (8, 0)     # Ampere and later compute bf16 natively; torch.cuda.is_bf16_supported() also counts emulation
 
 def amp_dtype(amp:str, device:torch.device):
     "Autocast dtype: `auto` is bf16 on a CUDA GPU of compute capability ≥ 8.0, fp16 (with loss scaling) on older ones (T4), off elsewhere."
-    if amp not in ('auto', 'bf16', 'fp16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
+    if amp not in AMP_MODES: raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}; got {amp!r}")
     if amp == 'auto':
         if device.type != 'cuda': return None
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= BF16_CAPABILITY else torch.float16
@@ -193,12 +196,18 @@ def _gather_predictions(cols:dict, sizes:list, dl) -> dict:
     return dict(name=[n for piece in cat('name') for n in piece],
                 **{k: np.concatenate(cat(k)) for k in ('y', 'votes', 'logit')})
 
+# %% ../nbs/05_trainer.ipynb #bed31dcf
+OPTIMIZERS = ('adamw', 'sgd')
+
+# %% ../nbs/05_trainer.ipynb #56675e84
+SCHEDULERS = ('step', 'cosine', 'onecycle', 'plateau')   # or None: a constant learning rate
+
 # %% ../nbs/05_trainer.ipynb #e67064ee
 def _check_hp(hp:dict) -> dict:
     "Validate the trainer's hyper-parameters; return them normalised (scheduler 'none' as None, pos_weight a float)."
-    if hp['optimizer'] not in ('adamw', 'sgd'): raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {hp['optimizer']!r}")
-    if hp['scheduler'] not in (None, 'none', 'step', 'cosine', 'onecycle', 'plateau'):
-        raise ValueError(f"scheduler must be one of None, 'step', 'cosine', 'onecycle', 'plateau'; got {hp['scheduler']!r}")
+    if hp['optimizer'] not in OPTIMIZERS: raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {hp['optimizer']!r}")
+    if hp['scheduler'] not in (None, 'none', *SCHEDULERS):
+        raise ValueError(f"scheduler must be None or one of {', '.join(SCHEDULERS)}; got {hp['scheduler']!r}")
     if hp['accum_steps'] < 1: raise ValueError(f"accum_steps must be >= 1, got {hp['accum_steps']}")
     return {**hp, 'scheduler': None if hp['scheduler'] == 'none' else hp['scheduler'],
             'pos_weight': None if hp['pos_weight'] is None else float(hp['pos_weight'])}
