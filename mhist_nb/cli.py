@@ -125,8 +125,8 @@ def _add_parameter(p, help:str=P_HELP):
 # %% ../nbs/39_cli.ipynb #88703736
 def cmd_run(args) -> int:
     "Run the pipeline of a parameter file."
-    from mhist_nb.pipeline import run_pipeline, ParamsError, NotebookError, TrackingUnavailable
-    from mhist_nb.tracking import tracking_uri, tracking_enabled
+    from mhist_nb.pipeline import run_pipeline, ParamsError, NotebookError
+    from mhist_nb.mlflow_runs import TrackingUnavailable, tracking_uri, tracking_enabled
     try: out = run_pipeline(args.params, name=args.name, reports=args.reports, overrides=parse_parameters(args.parameter),
                             quiet=args.quiet)
     except (ParamsError, NotebookError, TrackingUnavailable, FileNotFoundError, FileExistsError) as e: return _error(e, 1)

@@ -8,7 +8,7 @@ import json, math, os, time
 from pathlib import Path
 import pandas as pd
 from .pruning import OPTUNA_ENV, pruner
-from .tracking import tracking_enabled
+from .mlflow_runs import tracking_enabled
 from .pipeline import (ParamsError, ensure_data, load_sweep, log_sweep, notebook_params, path_problems, rank_trials,
                                resolve_paths, run_sweep_trial, sweep_experiment, sweep_parent, sweep_trials, tracking_client)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_experiment.ipynb #32d267cd
 from __future__ import annotations
-import json, math, tempfile, typing
+import json, tempfile, typing
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from fastcore.basics import patch
@@ -15,7 +15,8 @@ from .models import MODELS, count_parameters, model_summary
 from .synth import synth
 from .trainer import AMP_MODES, OPTIMIZERS, SCHEDULERS, Selector, Trainer
 from .pruning import pruning_from_env
-from .tracking import MLflowCallback, log_outputs, notebook_tracking_uri
+from .mlflow_runs import notebook_tracking_uri
+from .tracking import MLflowCallback, log_outputs
 
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'Rule', 'param', 'type_ok', 'TrainParams', 'MLPParams', 'ViTParams', 'param_problems',

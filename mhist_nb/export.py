@@ -17,7 +17,7 @@ from .data import MHISTData
 from .metrics import all_metrics, threshold_by_roc_curve
 from .models import create, count_parameters
 from .synth import synth
-from .tracking import try_mlflow
+from .mlflow_runs import try_mlflow
 from .core import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sigmoid, sha256
 from .serve import (MANIFEST_REQUIRED, check_manifest, read_manifest, ort_session, onnx_logits, open_model,
                             preprocess, classify)

@@ -8,19 +8,23 @@ import ast, copy, dataclasses, functools, inspect, itertools, json, os, shutil, 
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, yaml
+from .data import TileTransform
+from .metrics import METRICS
+from .synth import synth
+from .trainer import Selector
 from .experiment import EXPERIMENTS, param_problems
+from .mlflow_runs import (finish_run, flatten, mlflow_retry_bounds, start_run, tracking_client, tracking_enabled,
+                                  try_mlflow)
 
 # %% auto #0
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
-           'MLFLOW_RETRY_BOUNDS', 'TQDM_WARNING_FILTER', 'TRACKING_WAYS_OUT', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS',
-           'ParamsError', 'project_notebook', 'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members',
-           'coerce', 'dict_fields', 'check_param', 'load_params', 'is_weights_path', 'resolve_paths', 'notebook_params',
-           'notebook_timeout', 'NotebookError', 'to_html', 'mlflow_retry_bounds', 'kernel_env', 'run_notebook',
-           'TrackingUnavailable', 'check_tracking', 'tracking_client', 'start_run', 'wait_for_tracking', 'finish_run',
-           'path_problems', 'check_paths', 'ensure_data', 'run_pipeline', 'logged_metrics', 'trial_metric',
-           'sweep_configs', 'load_sweep', 'sweep_trials', 'sweep_experiment', 'sweep_parent', 'run_sweep_trial',
-           'rank_trials', 'log_sweep', 'sagemaker_distributed', 'training_notebooks', 'sagemaker_join',
-           'sagemaker_main']
+           'TQDM_WARNING_FILTER', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS', 'ParamsError', 'project_notebook',
+           'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members', 'coerce', 'dict_fields',
+           'check_param', 'load_params', 'is_weights_path', 'resolve_paths', 'notebook_params', 'notebook_timeout',
+           'NotebookError', 'to_html', 'kernel_env', 'run_notebook', 'path_problems', 'check_paths', 'ensure_data',
+           'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs', 'load_sweep', 'sweep_trials',
+           'sweep_experiment', 'sweep_parent', 'run_sweep_trial', 'rank_trials', 'log_sweep', 'sagemaker_distributed',
+           'training_notebooks', 'sagemaker_join', 'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
 DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
@@ -183,10 +187,8 @@ def _keywords(fn, skip=()) -> dict:
 def dict_fields(param:str) -> dict|None:
     "Keys (with annotations) that dict parameter `param` accepts, read from the code receiving it; None: any."
     if param == 'augment':
-        from mhist_nb.data import TileTransform
         return _keywords(TileTransform, ('mean', 'std', 'train', 'size'))
     if param == 'selector':
-        from mhist_nb.trainer import Selector
         return {f.name: _ann(f.type) for f in dataclasses.fields(Selector)}
     if param == 'distributed':
         from mhist_nb.ddp import torchrun_command
@@ -218,7 +220,6 @@ def check_param(v,                # the value from the parameter file
     n = len(problems)
     v = _check_keys(v, fields, where, problems)
     if name == 'selector' and len(problems) == n:
-        from mhist_nb.trainer import Selector
         try: Selector(**v)
         except (TypeError, ValueError) as e: problems.append(f'{where}: {e}')
     if name == 'distributed' and len(problems) == n:
@@ -419,14 +420,6 @@ def to_html(nb_path) -> Path:
     out = nb_path.with_suffix('.html'); out.write_text(body, encoding='utf-8')
     return out
 
-# %% ../nbs/30_pipeline.ipynb #b4a92bad
-MLFLOW_RETRY_BOUNDS = dict(MLFLOW_HTTP_REQUEST_MAX_RETRIES='2', MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR='1',
-                           MLFLOW_HTTP_REQUEST_TIMEOUT='20')
-
-def mlflow_retry_bounds() -> dict:
-    "MLflow's HTTP retry settings for pipeline runs: `MLFLOW_RETRY_BOUNDS`, unless the environment sets them."
-    return {k: os.environ.get(k, v) for k, v in MLFLOW_RETRY_BOUNDS.items()}
-
 # %% ../nbs/30_pipeline.ipynb #acbb8e80
 TQDM_WARNING_FILTER = 'ignore:IProgress not found'     # the -W form of the one warning dropped from reports
 
@@ -495,99 +488,6 @@ def run_notebook(nb,                      # a notebook name (`10_train_mlp`) or 
         if out_nb.is_file(): to_html(out_nb)
     return out_nb
 
-# %% ../nbs/30_pipeline.ipynb #99b93a18
-class TrackingUnavailable(RuntimeError):
-    "The MLflow tracking server cannot be used; the message names the URI, the reason and the ways out."
-
-TRACKING_WAYS_OUT = ('start the server, point MLFLOW_TRACKING_URI at one that runs (unset, runs go to mlflow.db in the '
-                     'project folder), or run without tracking: MHIST_TRACKING=off')
-
-# %% ../nbs/30_pipeline.ipynb #9a6b9697
-def _tracking_request(uri:str):
-    "A request for one experiment from the server at `uri`, with MLflow's credentials from the environment."
-    import base64, urllib.request
-    req = urllib.request.Request(uri.rstrip('/') + '/api/2.0/mlflow/experiments/search?max_results=1')
-    user, token = os.environ.get('MLFLOW_TRACKING_USERNAME'), os.environ.get('MLFLOW_TRACKING_TOKEN')
-    if user:
-        cred = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
-        req.add_header('Authorization', 'Basic ' + base64.b64encode(cred).decode())
-    elif token: req.add_header('Authorization', f'Bearer {token}')
-    return req
-
-# %% ../nbs/30_pipeline.ipynb #92d34781
-def check_tracking(uri:str, timeout:float=5.0):
-    "Raise `TrackingUnavailable` unless the tracking server at `uri` answers within `timeout` s (non-HTTP stores pass)."
-    import urllib.error, urllib.request
-    if not uri.startswith(('http://', 'https://')): return
-    try: urllib.request.urlopen(_tracking_request(uri), timeout=timeout).close()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise TrackingUnavailable(f'MLflow tracking server {uri} refused the credentials (HTTP {e.code}): set '
-                                      'MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MHIST_TRACKING=off') from None
-        raise TrackingUnavailable(f'MLflow tracking server {uri} answered HTTP {e.code} {e.reason}: {TRACKING_WAYS_OUT}') from None
-    except OSError as e:                                   # refused, unknown host, timed out (URLError is an OSError)
-        why = getattr(e, 'reason', e)
-        raise TrackingUnavailable(f'MLflow tracking server {uri} is not reachable ({why}; waited at most {timeout:g} s): '
-                                  f'{TRACKING_WAYS_OUT}') from None
-
-# %% ../nbs/30_pipeline.ipynb #4ccf4986
-def tracking_client():
-    "An MLflow client for the tracking URI in use, after `check_tracking` found its server (if any) answering."
-    from mlflow import MlflowClient
-    from mhist_nb.tracking import tracking_uri
-    uri = tracking_uri()
-    check_tracking(uri)
-    for k, v in mlflow_retry_bounds().items(): os.environ.setdefault(k, v)
-    return MlflowClient(uri), uri
-
-# %% ../nbs/30_pipeline.ipynb #a47e2d68
-def start_run(client,                 # an `MlflowClient`
-              uri:str,                # its tracking URI
-              experiment:str,         # experiment name, created if new
-              run_name:str,           # e.g. `demo/10_train_mlp`
-              params:dict,            # the notebook's parameters, logged as `nb.*` (nested dicts flattened)
-              tags:dict|None=None,    # extra run tags
-              parent:str|None=None    # parent run id (a sweep's trials)
-             ) -> str:
-    "Create an MLflow run for a notebook execution; return its id."
-    from mlflow.entities import Param
-    from mhist_nb.tracking import get_experiment_id, flatten, git_commit
-    exp = get_experiment_id(client, experiment, uri)
-    t = {'mhist.git_commit': git_commit(), **(tags or {})}
-    if parent: t['mlflow.parentRunId'] = parent
-    run = client.create_run(exp, run_name=run_name, tags=t)
-    client.log_batch(run.info.run_id, params=[Param(f'nb.{k}', v) for k, v in flatten(params).items()])
-    return run.info.run_id
-
-# %% ../nbs/30_pipeline.ipynb #ff2d13c8
-def wait_for_tracking(uri:str, patience:float|None=None, poll:float=1.0) -> bool:
-    "Wait up to `patience` s (`MHIST_TRACKING_RECOVERY_S`, default 60) for the tracking server at `uri`; True once it answers."
-    patience = float(os.environ.get('MHIST_TRACKING_RECOVERY_S', 60)) if patience is None else patience
-    t_end = time.monotonic() + patience
-    while True:
-        try: check_tracking(uri, timeout=min(5.0, max(poll, 0.5))); return True
-        except TrackingUnavailable:
-            if time.monotonic() >= t_end: return False
-            time.sleep(poll)
-
-# %% ../nbs/30_pipeline.ipynb #599b4021
-def finish_run(client, run_id:str, out_nb:Path, ok:bool, mark:Path|None=None, uri:str|None=None) -> bool:
-    "Attach the executed notebook (and HTML) to the run, tag it incomplete if its tracking failed midway (`mark`), close it."
-    from mlflow.entities import RunTag
-    from mhist_nb.tracking import try_mlflow
-    failed = json.loads(Path(mark).read_text()) if mark and Path(mark).is_file() else None
-    if failed and uri: wait_for_tracking(uri)              # the server went away during the notebook: give it time to return
-    def close():
-        if failed: client.log_batch(run_id, tags=[RunTag('mhist.tracking', 'incomplete'),
-                                                   RunTag('mhist.tracking_failed_while', failed['failed_while'][:500])])
-        for f in (out_nb, out_nb.with_suffix('.html')):
-            if f.is_file(): client.log_artifact(run_id, str(f), 'notebook')
-        client.set_terminated(run_id, 'FINISHED' if ok else 'FAILED')
-        return True
-    done = try_mlflow(f'closing run {run_id}: it stays RUNNING in the store (its notebook is {out_nb})', close, default=False)
-    if done and failed: Path(mark).unlink()
-    return done
-
 # %% ../nbs/30_pipeline.ipynb #df8f3c71
 def _data_dir_problem(d) -> str|None:
     "What is wrong with `d` as an MHIST folder (annotations.csv and images/), or None."
@@ -617,7 +517,6 @@ def check_paths(cfg:dict):
 def ensure_data(cfg:dict, quiet:bool=False):
     "Write synthetic tiles into `common.data_dir` when the file asks for them and they are absent."
     if cfg.get('synth') is None: return
-    from mhist_nb.synth import synth
     s = cfg['synth']
     synth(Path(cfg['common']['data_dir']).expanduser().resolve(), scale=s.get('scale', 0.1), seed=s.get('seed', 0),
           n_jobs=s.get('jobs', os.cpu_count() or 1), progress=not quiet)
@@ -627,7 +526,6 @@ def _notebook_run(client, uri, cfg:dict, key:str, params:dict, name:str) -> str|
     "Start the MLflow run of notebook `key` when it trains and tracking is on; its id, else None."
     if client is None or 'experiment' not in cfg['_declared'][key] or not params.get('tracking', True): return None
     exp = params.get('experiment') or cfg['_declared'][key]['experiment'].strip('\'"')
-    from mhist_nb.tracking import try_mlflow
     return try_mlflow(f'starting the run of {key} at {uri}; {key} runs without tracking', start_run, client, uri, exp,
                       f'{name}/{key}', params, tags={'mhist.pipeline': name, 'mhist.notebook': key})
 
@@ -663,7 +561,6 @@ def run_pipeline(params_file,                 # a parameter file (path) or its d
                  quiet:bool=False             # no progress output
                 ) -> Path:
     "Run every notebook of a parameter file in order into `reports/<name>/`; return that folder."
-    from mhist_nb.tracking import tracking_enabled
     cfg = load_params(params_file, overrides)
     name = name or cfg['name']
     client, uri = tracking_client() if tracking_enabled() else (None, None)      # the server is checked before anything starts
@@ -676,7 +573,6 @@ def run_pipeline(params_file,                 # a parameter file (path) or its d
 # %% ../nbs/30_pipeline.ipynb #0ca3aa1b
 def logged_metrics() -> list[str]:
     "Metrics a training notebook logs (`MLflowCallback`): each epoch's `lr`, `seconds`, `train_*`, `val_*`; `best_*`; `train_seconds`."
-    from mhist_nb.metrics import METRICS
     epoch = ['lr', 'seconds'] + [f'{s}_{m}' for s in ('train', 'val') for m in ('loss', *METRICS) if m != 'threshold']
     return epoch + [f'best_{k}' for k in ('epoch', *epoch)] + ['train_seconds']
 
@@ -826,7 +722,6 @@ def run_sweep_trial(i:int,                 # the trial's number
                exp:str, parent,       # MLflow experiment and parent run id
                env:dict|None=None):   # more variables for the kernel (an Optuna trial's)
     "Run trial `i` (a child run of `parent`, when tracking); its row of the sweep table, FAILED with NaN if it failed."
-    from mhist_nb.tracking import flatten
     nb, mon = spec['notebook'], spec['rule']['monitor']
     if 'out_dir' in spec['cfg']['_declared'][nb]: params['out_dir'] = str(out/f'trial_{i:02d}')
     rid = start_run(client, uri, exp, f'{name}/trial_{i:02d}', params, parent=parent,

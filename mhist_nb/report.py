@@ -13,6 +13,7 @@ from sklearn.metrics import roc_curve, precision_recall_curve
 from .metrics import (THRESHOLD_RULES, _resample, choose_threshold, threshold_metrics, threshold_sweep,
                               metrics_table, ranking_metrics, calibration_table, ece, fit_temperature, apply_temperature)
 from .core import CLASS_NAMES, sigmoid
+from .mlflow_runs import try_mlflow
 
 # %% auto #0
 __all__ = ['PALETTE', 'SIMULATED_FAMILIES', 'DEMO_SSA_SHARE', 'PREDICTION_COLUMNS', 'INTERVAL_METRICS', 'COUNTS', 'GRID',
@@ -323,7 +324,6 @@ def log_to_run(run:dict, files=(), figures:dict|None=None, metrics:dict|None=Non
     "Add `files`, `figures` ({file name: figure}) and `metrics` to the MLflow run of run json `run`; False (warned) on failure."
     import mlflow                                      # here: mlflow and mhist_nb.tracking (torch) take seconds to import
     from mlflow.entities import Metric
-    from mhist_nb.tracking import try_mlflow
     rid, uri = run.get('run_id'), run.get('tracking_uri')
     client = try_mlflow(f'opening the store {uri}', mlflow.MlflowClient, uri)
     if not rid or client is None or try_mlflow(f'finding run {rid}', client.get_run, rid) is None: return False
@@ -339,7 +339,6 @@ def run_stats(run:dict) -> dict:
     "Training seconds and parameter count from the MLflow run of run json `run`; only the keys that could be read."
     if not run.get('run_id'): return {}
     import mlflow                                      # here, as in `log_to_run`
-    from mhist_nb.tracking import try_mlflow
     r = try_mlflow(f"reading run {run['run_id']} (the run file's numbers are used)",
                    lambda: mlflow.MlflowClient(run.get('tracking_uri')).get_run(run['run_id']))
     if r is None: return {}

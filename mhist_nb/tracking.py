@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_tracking.ipynb #be31a8cf
 from __future__ import annotations
-import json, os, platform, subprocess, tempfile, time, warnings
+import json, os, tempfile, time, warnings
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -12,83 +12,10 @@ from fastcore.basics import patch
 from .core import CLASS_NAMES
 from .models import model_summary
 from .trainer import Callback
+from .mlflow_runs import flatten, get_experiment_id, git_commit, tracking_enabled, tracking_uri, try_mlflow, versions
 
 # %% auto #0
-__all__ = ['try_mlflow', 'project_dir', 'tracking_uri', 'tracking_enabled', 'notebook_tracking_uri', 'get_experiment_id',
-           'git_commit', 'versions', 'flatten', 'plot_history', 'plot_confusion', 'MLflowCallback', 'log_outputs']
-
-# %% ../nbs/06_tracking.ipynb #9ecf1396
-def try_mlflow(what:str, # what was being done, for the warning ("logging the history")
-               fn, # the MLflow call
-               *args, default=None, **kwargs):
-    "Return `fn(*args, **kwargs)`; on any exception warn once (naming `what` and the error) and return `default`."
-    try: return fn(*args, **kwargs)
-    except Exception as e:
-        warnings.warn(f'MLflow failed while {what} ({type(e).__name__}: {e})', UserWarning, stacklevel=2)
-        return default
-
-# %% ../nbs/06_tracking.ipynb #0a41b23a
-def project_dir() -> Path:
-    "`MHIST_PROJECT_DIR`, else the repository holding this package (it has pyproject.toml), else the working directory."
-    if os.environ.get('MHIST_PROJECT_DIR'): return Path(os.environ['MHIST_PROJECT_DIR'])
-    import mhist_nb
-    repo = Path(mhist_nb.__file__).resolve().parent.parent
-    return repo if (repo/'pyproject.toml').is_file() else Path.cwd()
-
-# %% ../nbs/06_tracking.ipynb #c93f5149
-def tracking_uri() -> str:
-    "`MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` in the project directory."
-    return os.environ.get('MLFLOW_TRACKING_URI') or f"sqlite:///{(project_dir()/'mlflow.db').resolve()}"
-
-# %% ../nbs/06_tracking.ipynb #2e2b6a4c
-def tracking_enabled() -> bool:
-    "False when `MHIST_TRACKING` is off/0/false/no."
-    return os.environ.get('MHIST_TRACKING', 'on').strip().lower() not in ('off', '0', 'false', 'no')
-
-# %% ../nbs/06_tracking.ipynb #20ddd69c
-def notebook_tracking_uri() -> str:
-    "The store for an experiment notebook: as `tracking_uri`, but a throw-away SQLite store under `nbdev-test`."
-    if os.environ.get('IN_TEST') and not os.environ.get('MLFLOW_TRACKING_URI') and not os.environ.get('MLFLOW_RUN_ID'):
-        return f"sqlite:///{Path(tempfile.mkdtemp(prefix='mhist-mlflow-'))/'mlflow.db'}"   # tests never touch your store
-    return tracking_uri()
-
-# %% ../nbs/06_tracking.ipynb #3cc45240
-def get_experiment_id(client, name:str, uri:str) -> str:
-    "Id of experiment `name`, created (artifacts beside a local SQLite store) if it does not exist."
-    exp = client.get_experiment_by_name(name)
-    if exp is not None: return exp.experiment_id
-    loc = None
-    if uri.startswith('sqlite:///'): loc = (Path(uri[len('sqlite:///'):]).parent/'mlartifacts'/name).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=loc)
-
-# %% ../nbs/06_tracking.ipynb #1fa761c6
-def git_commit(path=None) -> str:
-    "Current git commit of the project (with `+dirty` if there are uncommitted changes), or 'unknown'."
-    try:
-        kw = dict(cwd=path or project_dir(), capture_output=True, text=True, timeout=5)
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], **kw).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], **kw).stdout.strip()
-        return (sha + ('+dirty' if dirty else '')) if sha else 'unknown'
-    except Exception: return 'unknown'
-
-# %% ../nbs/06_tracking.ipynb #5f411b81
-def versions() -> dict:
-    "Versions of Python and the libraries a result depends on."
-    import importlib.metadata as md
-    out = {'python': platform.python_version()}
-    for p in ('mhist_nb', 'torch', 'torchvision', 'timm', 'numpy', 'scikit-learn', 'mlflow'):
-        try: out[p] = md.version(p)
-        except md.PackageNotFoundError: out[p] = 'not installed'
-    return out
-
-# %% ../nbs/06_tracking.ipynb #96bf25ad
-def flatten(d:dict, prefix:str='') -> dict:
-    "Nested dicts to dotted keys; values as strings, as MLflow params are."
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict): out.update(flatten(v, f'{prefix}{k}.'))
-        else: out[f'{prefix}{k}'] = str(v)[:6000]
-    return out
+__all__ = ['plot_history', 'plot_confusion', 'MLflowCallback', 'log_outputs']
 
 # %% ../nbs/06_tracking.ipynb #d3196d1e
 def plot_history(history:pd.DataFrame, metrics=('auc', 'balanced_accuracy')):
