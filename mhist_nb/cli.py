@@ -156,7 +156,7 @@ def add_run(sub):
 def cmd_sweep(args) -> int:
     "Run a sweep file."
     from mhist_nb.pipeline import ParamsError
-    from mhist_nb.distributed import run_sweep
+    from mhist_nb.sweeps import run_sweep
     try: table = run_sweep(args.sweep, name=args.name, reports=args.reports, quiet=args.quiet,
                            overrides=parse_parameters(args.parameter), top=args.top, worker=args.worker)
     except (ParamsError, FileNotFoundError, RuntimeError) as e: return _error(e, 1)

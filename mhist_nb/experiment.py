@@ -19,7 +19,7 @@ from .mlflow_runs import notebook_tracking_uri
 from .tracking import MLflowCallback, log_outputs
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'Rule', 'param', 'type_ok', 'TrainParams', 'MLPParams', 'ViTParams', 'param_problems',
+__all__ = ['EXPERIMENTS', 'Rule', 'param', 'type_ok', 'TrainParams', 'MLPParams', 'ViTParams', 'value_problem', 'param_problems',
            'experiment_data', 'experiment_trainer', 'predict_splits', 'save_experiment', 'experiment_conclusion']
 
 # %% ../nbs/07_experiment.ipynb #f34d4a9f
@@ -117,19 +117,21 @@ class ViTParams(TrainParams):
 # %% ../nbs/07_experiment.ipynb #57d8c9b3
 EXPERIMENTS = {'10_train_mlp': MLPParams, '11_train_vit': ViTParams}
 
+# %% ../nbs/07_experiment.ipynb #ec1efb3d
+def value_problem(cls:type, name:str, v) -> str|None:
+    "What is wrong with `v` as the value of parameter `name` of `cls` (its type, then its rule), or None."
+    f = next(f for f in fields(cls) if f.name == name)
+    if not type_ok(v, typing.get_type_hints(cls)[name]): return f'{v!r} is not of type {f.type}'
+    return f.metadata['rule'].problem(v)
+
 # %% ../nbs/07_experiment.ipynb #04daf1ff
 def param_problems(cls:type, # a parameters dataclass (`MLPParams`)
                    values:dict) -> list[str]:
     "Every problem of `values` as parameters of `cls`, each naming its parameter; empty when all is well."
-    hints, problems = typing.get_type_hints(cls), []
     declared = [f.name for f in fields(cls)]
-    problems += [f'{k}: missing (declared by {cls.__name__})' for k in declared if k not in values]
+    problems = [f'{k}: missing (declared by {cls.__name__})' for k in declared if k not in values]
     problems += [f'{k}: not a parameter of {cls.__name__}' for k in values if k not in declared]
-    for f in fields(cls):
-        if f.name not in values: continue
-        v = values[f.name]
-        if not type_ok(v, hints[f.name]): problems.append(f'{f.name}: {v!r} is not of type {f.type}'); continue
-        if (p := f.metadata['rule'].problem(v)): problems.append(f'{f.name}: {p}')
+    problems += [f'{k}: {p}' for k in declared if k in values and (p := value_problem(cls, k, values[k]))]
     if not problems and 'head_epochs' in declared and values['head_epochs'] + values['full_epochs'] < 1:
         problems.append('head_epochs + full_epochs: must be >= 1 (nothing would be trained)')
     return problems

@@ -4,26 +4,22 @@
 
 # %% ../nbs/30_pipeline.ipynb #f81b8b24
 from __future__ import annotations
-import ast, copy, dataclasses, functools, inspect, itertools, json, os, shutil, sys, tempfile, time
+import ast, copy, dataclasses, functools, inspect, json, os, shutil, sys, time
 from contextlib import contextmanager
 from pathlib import Path
-import numpy as np, pandas as pd, yaml
+import yaml
 from .data import TileTransform
-from .metrics import METRICS
 from .synth import synth
 from .trainer import Selector
 from .experiment import EXPERIMENTS, param_problems
-from .mlflow_runs import (finish_run, flatten, mlflow_retry_bounds, start_run, tracking_client, tracking_enabled,
-                                  try_mlflow)
+from .mlflow_runs import finish_run, mlflow_retry_bounds, start_run, tracking_client, tracking_enabled, try_mlflow
 
 # %% auto #0
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
-           'TQDM_WARNING_FILTER', 'SWEEP_KEYS', 'SWEEP_METHODS', 'SM_VARS', 'ParamsError', 'project_notebook',
-           'notebook_key', 'notebook_parameters', 'notebook_types', 'type_members', 'coerce', 'dict_fields',
-           'check_param', 'load_params', 'is_weights_path', 'resolve_paths', 'notebook_params', 'notebook_timeout',
-           'NotebookError', 'to_html', 'kernel_env', 'run_notebook', 'path_problems', 'check_paths', 'ensure_data',
-           'run_pipeline', 'logged_metrics', 'trial_metric', 'sweep_configs', 'load_sweep', 'sweep_trials',
-           'sweep_experiment', 'sweep_parent', 'run_sweep_trial', 'rank_trials', 'log_sweep', 'sagemaker_distributed',
+           'TQDM_WARNING_FILTER', 'SM_VARS', 'ParamsError', 'project_notebook', 'notebook_key', 'notebook_parameters',
+           'notebook_types', 'type_members', 'coerce', 'dict_fields', 'check_param', 'load_params', 'is_weights_path',
+           'resolve_paths', 'notebook_params', 'notebook_timeout', 'NotebookError', 'to_html', 'kernel_env',
+           'run_notebook', 'path_problems', 'check_paths', 'ensure_data', 'run_pipeline', 'sagemaker_distributed',
            'training_notebooks', 'sagemaker_join', 'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
@@ -569,186 +565,6 @@ def run_pipeline(params_file,                 # a parameter file (path) or its d
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
     for nb in cfg['run']: _run_one(cfg, nb, out, name, client, uri, quiet)
     return out
-
-# %% ../nbs/30_pipeline.ipynb #0ca3aa1b
-def logged_metrics() -> list[str]:
-    "Metrics a training notebook logs (`MLflowCallback`): each epoch's `lr`, `seconds`, `train_*`, `val_*`; `best_*`; `train_seconds`."
-    epoch = ['lr', 'seconds'] + [f'{s}_{m}' for s in ('train', 'val') for m in ('loss', *METRICS) if m != 'threshold']
-    return epoch + [f'best_{k}' for k in ('epoch', *epoch)] + ['train_seconds']
-
-# %% ../nbs/30_pipeline.ipynb #06553535
-def trial_metric(out_dir, monitor:str) -> float:
-    "`monitor` of a finished trial from the files `save_experiment` wrote into `out_dir` (`best_*`: the selected epoch's; NaN if absent)."
-    runs = sorted(Path(out_dir).glob('run_*.json')) if out_dir and Path(out_dir).is_dir() else []
-    if not runs: return float('nan')
-    info = json.loads(runs[0].read_text())
-    if isinstance(info.get(monitor), (int, float)) and not isinstance(info.get(monitor), bool): return float(info[monitor])
-    f = runs[0].with_name(f"history_{info.get('family')}.csv")
-    if not f.is_file(): return float('nan')
-    h = pd.read_csv(f)
-    key = monitor[5:] if monitor.startswith('best_') else monitor
-    if monitor.startswith('best_'): h = h[h.epoch == info.get('best_epoch')]
-    return float(h[key].iloc[-1]) if key in h and len(h) else float('nan')
-
-# %% ../nbs/30_pipeline.ipynb #68bebfba
-def sweep_configs(grid:dict, method:str='grid', n_trials:int|None=None, seed:int=0) -> list[dict]:
-    "All combinations of `grid`, or `n_trials` of them drawn without replacement (seeded)."
-    keys = list(grid)
-    combos = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
-    if method == 'random' and n_trials and n_trials < len(combos):
-        idx = np.random.default_rng(seed).choice(len(combos), n_trials, replace=False)
-        combos = [combos[i] for i in sorted(idx)]
-    return combos
-
-# %% ../nbs/30_pipeline.ipynb #a8728a07
-SWEEP_KEYS = ('name', 'base', 'notebook', 'method', 'grid', 'n_trials', 'seed', 'rule', 'top', 'storage')
-
-def _check_sweep_keys(spec, path):
-    "Raise a ParamsError unless `spec` is a mapping of known sweep keys holding `base`, `notebook` and `grid`."
-    if not isinstance(spec, dict): raise ParamsError(path, ['the file must hold a mapping of keys to values'])
-    problems = [f'unknown key {k!r} (known: {list(SWEEP_KEYS)})' for k in spec if k not in SWEEP_KEYS]
-    problems += [f'missing key {k!r}' for k in ('base', 'notebook', 'grid') if k not in spec]
-    if problems: raise ParamsError(path, problems)
-
-def _base_file(spec:dict, path) -> Path:
-    "The base parameter file: as given, else relative to the folder above the sweep file's (params/)."
-    base = Path(spec['base'])
-    return base if base.is_absolute() or base.exists() else Path(path).parent.parent/spec['base']
-
-# %% ../nbs/30_pipeline.ipynb #83d04131
-def _check_grid(grid, nb:str, cfg:dict, problems:list) -> dict:
-    "The grid of notebook `nb`, each value checked and typed against the base file's declarations."
-    if not isinstance(grid, dict) or not grid: problems.append('grid: must be a mapping of parameters to lists of values'); grid = {}
-    if nb not in cfg['_declared']: problems.append(f"notebook {nb!r} is not in the base file's run list {cfg['run']}"); return grid
-    known, types = cfg['_declared'][nb], cfg['_types'][nb]
-    for k, v in grid.items():
-        if k not in known: problems.append(f'grid: unknown parameter {k!r} of {nb}')
-        elif not isinstance(v, list) or not v: problems.append(f'grid: {k!r} must be a non-empty list of values')
-        else: grid[k] = [check_param(x, k, types[k], known[k], f'grid.{k}[{i}]', problems) for i, x in enumerate(v)]
-    return grid
-
-# %% ../nbs/30_pipeline.ipynb #8abadca7
-def _check_counts(spec:dict, problems:list):
-    "Type `n_trials`, `top` (at least 1, or absent) and `seed` in place; absent ones become None."
-    for k, t in (('n_trials', 'int | None'), ('top', 'int | None'), ('seed', 'int')):
-        try: spec[k] = coerce(spec.get(k), t) if k in spec else None
-        except ValueError as e: problems.append(f'{k}: {e}')
-        else:
-            if k != 'seed' and spec[k] is not None and spec[k] < 1: problems.append(f'{k}: must be at least 1, got {spec[k]}')
-
-# %% ../nbs/30_pipeline.ipynb #40bd374c
-def _check_rule(rule, problems:list) -> dict:
-    "The ranking rule, `monitor` (default best_val_auc) and `mode` (default max), checked."
-    rule = rule or {}
-    if not isinstance(rule, dict): problems.append(f"rule: expected a mapping with keys 'monitor' and 'mode', got {rule!r}"); rule = {}
-    if set(rule) - {'monitor', 'mode'}: problems.append(f"rule: unknown key(s) {sorted(set(rule) - {'monitor', 'mode'})} (known: monitor, mode)")
-    if rule.get('mode', 'max') not in ('max', 'min'): problems.append("rule.mode must be 'max' or 'min'")
-    monitor, names = rule.get('monitor', 'best_val_auc'), logged_metrics()
-    if monitor not in names:
-        xs = ', '.join(n[4:] for n in names if n.startswith('val_'))
-        problems.append(f'rule.monitor: {monitor!r} is not a metric the training notebooks log (per epoch: lr, seconds, train_X, '
-                        f'val_X; best_ with any of those or epoch; train_seconds; X: {xs})')
-    return dict(monitor=monitor, mode=rule.get('mode', 'max'))
-
-# %% ../nbs/30_pipeline.ipynb #c13d1754
-SWEEP_METHODS = ('grid', 'random', 'optuna')
-
-def _check_storage(spec:dict, method:str, problems:list) -> str|None:
-    "The Optuna study's database URL (`${VAR}` read from the environment): required by method optuna, refused by the others."
-    v = _expand(spec.get('storage'), 'storage', problems)
-    if method == 'optuna' and not (isinstance(v, str) and '://' in v):
-        problems.append(f"storage: method optuna needs a database URL (sqlite:///sweeps.db, postgresql://user:pw@host/db), got {v!r}")
-    elif method != 'optuna' and v is not None: problems.append(f"storage: only method optuna uses a study database (method is {method!r})")
-    return v
-
-# %% ../nbs/30_pipeline.ipynb #bfb1d0d5
-def load_sweep(path, overrides:dict|None=None) -> dict:
-    "Read and check a sweep file (the base parameter file, with dotted `overrides`, the grid's keys and values, the rule)."
-    spec = yaml.safe_load(Path(path).read_text())
-    _check_sweep_keys(spec, path)
-    cfg, problems = load_params(_base_file(spec, path), overrides), []
-    nb = notebook_key(spec['notebook'])
-    grid = _check_grid(spec['grid'], nb, cfg, problems)
-    method = spec.get('method', 'grid')
-    if method not in SWEEP_METHODS: problems.append(f"method must be one of {list(SWEEP_METHODS)}, got {method!r}")
-    _check_counts(spec, problems)
-    storage = _check_storage(spec, method, problems)
-    rule = _check_rule(spec.get('rule'), problems)
-    if problems: raise ParamsError(path, problems)
-    return dict(spec, name=str(spec.get('name') or Path(path).stem), cfg=cfg, notebook=nb, grid=grid, method=method,
-                nb_path=next(n for n in cfg['run'] if notebook_key(n) == nb),     # as the run list names it: a key or a path
-                seed=spec['seed'] or 0, rule=rule, storage=storage)
-
-# %% ../nbs/30_pipeline.ipynb #854ab049
-def sweep_trials(spec:dict, sweep_file) -> tuple:
-    "The configurations of a sweep and each trial's parameters (the notebook's, then the configuration), paths checked."
-    cfg, nb = spec['cfg'], spec['notebook']
-    base = notebook_params(cfg, nb)
-    configs = sweep_configs(spec['grid'], spec['method'], spec.get('n_trials'), spec['seed'])
-    trials = [resolve_paths({**base, **c}) for c in configs]
-    origin = lambda k: f'{nb}.{k}' if k in (cfg.get(nb) or {}) else f'common.{k}'
-    problems = [p for c, t in zip(configs, trials) for p in path_problems(t, lambda k: f'grid.{k}' if k in c else origin(k))]
-    if problems: raise ParamsError(sweep_file, list(dict.fromkeys(problems)))
-    return configs, trials
-
-# %% ../nbs/30_pipeline.ipynb #f6272cd1
-def sweep_experiment(spec:dict) -> str:
-    "The MLflow experiment of a sweep: its notebook's `experiment` (as the file sets it, else its default, else mhist-sweep)."
-    cfg, nb = spec['cfg'], spec['notebook']
-    return notebook_params(cfg, nb).get('experiment') or cfg['_declared'][nb].get('experiment', "'mhist-sweep'").strip('\'"')
-
-# %% ../nbs/30_pipeline.ipynb #9615ece2
-def sweep_parent(client, uri, spec:dict, name:str, n_trials:int) -> str|None:
-    "Create the parent MLflow run of a sweep, holding its grid, method and rule; None when tracking is off."
-    if client is None: return None
-    return start_run(client, uri, sweep_experiment(spec), f'{name} (sweep)', dict(grid=spec['grid'], method=spec['method'],
-                     rule=spec['rule'], n_trials=n_trials), tags={'mhist.pipeline': name, 'mhist.sweep': 'parent'})
-
-# %% ../nbs/30_pipeline.ipynb #a3fa3def
-def _trial_value(ok:bool, client, run_id, out_dir, monitor:str) -> float:
-    "The monitored metric of a trial: NaN if it failed, else from its MLflow run, else from the files in `out_dir`."
-    if not ok: return float('nan')
-    if run_id: return client.get_run(run_id).data.metrics.get(monitor, float('nan'))
-    return trial_metric(out_dir, monitor)
-
-# %% ../nbs/30_pipeline.ipynb #c59d73e8
-def run_sweep_trial(i:int,                 # the trial's number
-               c:dict,                # its configuration (grid values)
-               params:dict,           # its notebook's parameters
-               spec:dict,             # the sweep (`load_sweep`)
-               out:Path,              # the sweep's report folder
-               name:str,              # the sweep's name
-               client, uri,           # MLflow client and tracking URI (None, None: tracking off)
-               exp:str, parent,       # MLflow experiment and parent run id
-               env:dict|None=None):   # more variables for the kernel (an Optuna trial's)
-    "Run trial `i` (a child run of `parent`, when tracking); its row of the sweep table, FAILED with NaN if it failed."
-    nb, mon = spec['notebook'], spec['rule']['monitor']
-    if 'out_dir' in spec['cfg']['_declared'][nb]: params['out_dir'] = str(out/f'trial_{i:02d}')
-    rid = start_run(client, uri, exp, f'{name}/trial_{i:02d}', params, parent=parent,
-                    tags={'mhist.pipeline': name, 'mhist.notebook': nb}) if client else None
-    ok, out_nb = False, out/f'trial_{i:02d}.ipynb'
-    try:
-        run_notebook(spec['nb_path'], out_nb, params, timeout=notebook_timeout(spec['cfg'], nb), quiet=True, env={**(_run_env(uri, rid) or {}), **(env or {})} or None)
-        ok = True
-    except NotebookError as e: print(f'[{name}] trial {i} failed: {e}', file=sys.stderr)
-    finally:
-        if rid: finish_run(client, rid, out_nb, ok)
-    v = _trial_value(ok, client, rid, params.get('out_dir'), mon)
-    return dict(trial=i, run_id=rid, status='FINISHED' if ok else 'FAILED', **flatten(c), **{mon: v})
-
-# %% ../nbs/30_pipeline.ipynb #90418b3e
-def rank_trials(rows:list[dict], rule:dict) -> pd.DataFrame:
-    "The sweep table: one row per trial, best first by `rule` (NaN, a failed trial, last)."
-    return pd.DataFrame(rows).sort_values(rule['monitor'], ascending=rule['mode'] == 'min', na_position='last', kind='stable')
-
-# %% ../nbs/30_pipeline.ipynb #e4309a54
-def log_sweep(client, parent:str, table:pd.DataFrame, csv:Path, monitor:str):
-    "Attach the sweep table to the parent run, with the best trial's metric (when finite) and number."
-    from mlflow.entities import Metric
-    best = table.iloc[0]
-    client.log_artifact(parent, str(csv))
-    if np.isfinite(best[monitor]): client.log_batch(parent, metrics=[Metric(monitor, float(best[monitor]), int(time.time() * 1000), 0)])
-    client.set_tag(parent, 'mhist.best_trial', str(best['trial']))
 
 # %% ../nbs/30_pipeline.ipynb #ed5ac319
 SM_VARS = ('SM_CHANNEL_TRAINING', 'SM_MODEL_DIR', 'SM_OUTPUT_DATA_DIR')

@@ -34,14 +34,17 @@ def injected(nb_path):
 
 
 def test_shipped_parameter_files_are_valid(monkeypatch, tmp_path):
-    from mhist_nb.pipeline import load_params, load_sweep
+    from mhist_nb.pipeline import load_params
+    from mhist_nb.sweeps import load_sweep
     monkeypatch.setenv('MHIST_DIR', str(tmp_path)); monkeypatch.setenv('MHIST_VIT_WEIGHTS', str(tmp_path/'w.safetensors'))
+    monkeypatch.setenv('MHIST_OPTUNA_STORAGE', f"sqlite:///{tmp_path/'optuna.db'}")
     monkeypatch.chdir(ROOT)
     for f in ('demo', 'mhist_cpu', 'mhist_gpu'):
         cfg = load_params(ROOT/'params'/f'{f}.yaml')
         assert cfg['run'] == ['02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain']
-    spec = load_sweep(ROOT/'params'/'sweep_vit.yaml')
-    assert spec['notebook'] == '11_train_vit'
+    assert load_params(ROOT/'params'/'gpu_smoke.yaml')['run']                  # its values within their ranges too
+    for f in ('sweep_vit', 'sweep_vit_optuna'):
+        assert load_sweep(ROOT/'params'/f'{f}.yaml')['notebook'] == '11_train_vit'
 
 
 def test_unknown_key_is_rejected_before_anything_runs(tmp_path, env):
