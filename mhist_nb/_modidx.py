@@ -597,6 +597,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'mhist_nb.toy_models': { 'mhist_nb.toy_models._save': ('toy_models.html#_save', 'mhist_nb/toy_models.py'),
                                      'mhist_nb.toy_models.expected_logit': ('toy_models.html#expected_logit', 'mhist_nb/toy_models.py'),
                                      'mhist_nb.toy_models.patch_onnx': ('toy_models.html#patch_onnx', 'mhist_nb/toy_models.py'),
+                                     'mhist_nb.toy_models.png_bytes': ('toy_models.html#png_bytes', 'mhist_nb/toy_models.py'),
                                      'mhist_nb.toy_models.toy_model_dir': ('toy_models.html#toy_model_dir', 'mhist_nb/toy_models.py'),
                                      'mhist_nb.toy_models.toy_onnx': ('toy_models.html#toy_onnx', 'mhist_nb/toy_models.py'),
                                      'mhist_nb.toy_models.write_toy_manifest': ( 'toy_models.html#write_toy_manifest',

@@ -16,9 +16,9 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import BIN, mhist
+from conftest import BIN, free_port, mhist
 from mhist_nb.app import ANNOTATION_COLUMNS, Settings, pick_tile, read_annotations
-from mhist_nb.toy_models import expected_logit, toy_model_dir
+from mhist_nb.toy_models import expected_logit, png_bytes as png, toy_model_dir
 
 APP = Path(__file__).resolve().parents[1]/'mhist_nb'/'app.py'
 CHROMIUM = Path('/usr/bin/chromium')
@@ -26,16 +26,10 @@ CHROMIUM_ARGS = ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-q
                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
 
 
-def png(a, fmt='PNG') -> bytes:
-    b = io.BytesIO(); Image.fromarray(a).save(b, fmt); return b.getvalue()
-
 
 def expected_p(tile) -> float:
     return float(1 / (1 + np.exp(-expected_logit(tile))))
 
-
-def free_port() -> int:
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- fixtures

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from conftest import ROOT, BIN
+from conftest import ROOT, BIN, free_port
 
 DOCKER = ROOT/'docker'
 DOCKERFILES = sorted(DOCKER.glob('*.Dockerfile'))
@@ -394,10 +394,6 @@ def tile():
     buf = io.BytesIO(); Image.fromarray(a).save(buf, format='PNG')
     return buf.getvalue(), a
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 def http(method, url, body=None, headers=None, timeout=10):

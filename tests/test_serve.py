@@ -2,7 +2,7 @@
 and saved predictions of the shared tiny pipeline), real gunicorn servers (metrics across workers, a worker killed under
 load, a bad model refused at start), AWS Lambda events of the documented shapes, and the serving image's environment
 (`pip install --no-deps` + the serve requirements, no torch) built for real."""
-import base64, io, json, os, re, shutil, signal, socket, subprocess, sys, textwrap, threading, time
+import base64, json, os, re, shutil, signal, subprocess, sys, textwrap, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,22 +11,17 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import BIN, ROOT, mhist
+from conftest import BIN, ROOT, free_port, mhist
+from mhist_nb.toy_models import png_bytes as png
 
 HEAVY = ('torch', 'mhist_nb.models', 'mhist_nb.trainer', 'mhist_nb.data', 'mhist_nb.export', 'pandas', 'mlflow')
 
-
-def png(arr) -> bytes:
-    b = io.BytesIO(); Image.fromarray(arr).save(b, 'PNG'); return b.getvalue()
 
 
 def tiles(n=4, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(n)]
 
-
-def free_port() -> int:
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
