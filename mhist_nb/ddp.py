@@ -87,11 +87,10 @@ def run_worker(cfg:dict) -> Trainer:
     if cfg.get('init'): trainer.model.load_state_dict(trainer._read_rank0(Path(cfg['init']))['model'])
     fit = dict(cfg['fit'])
     getattr(trainer, fit.pop('method'))(data.train, data.val, **fit)
-    devices = [None] * trainer.world                                       # where each rank trained, and held its tiles
-    dist.all_gather_object(devices, dict(model=str(trainer.device), data=data.data_device))
-    if rank == 0:
+    devices = trainer.strategy.gather(dict(model=str(trainer.device), data=data.data_device))   # where each rank trained
+    if trainer.strategy.is_main:                                                                 # and held its tiles
         out = dict(history=trainer.history, best=trainer.best, best_any=trainer.best_any, epoch=trainer.epoch,
-                   stage=trainer.stage, world=trainer.world, devices=devices)
+                   stage=trainer.stage, world=trainer.strategy.world, devices=devices)
         (trainer.ckpt_dir/'fit.json').write_text(json.dumps(out, indent=1))
     return trainer
 
@@ -160,7 +159,7 @@ def fit_torchrun(trainer:Trainer, data:dict, # `data_options` of the notebook
     "Fit `trainer`'s model under torchrun as `distributed` says; `trainer` ends as `trainer.fit` would leave it."
     ck = trainer.ckpt_dir; ck.mkdir(parents=True, exist_ok=True)
     torch.save(dict(model=trainer.model.state_dict()), ck/'init.pt')
-    trainer._cb('on_fit_start')
+    trainer.run_callbacks('on_fit_start')
     mlf = next((c for c in trainer.callbacks if isinstance(c, MLflowCallback) and c.enabled and c.run_id), None)
     cfg = dict(data=data, model=dict(name=model, kw=model_kw), init=str(ck/'init.pt'), trainer=trainer_options(trainer),
                fit=fit, mlflow=dict(uri=mlf.uri, run_id=mlf.run_id) if mlf else None)
@@ -168,7 +167,7 @@ def fit_torchrun(trainer:Trainer, data:dict, # `data_options` of the notebook
     try: launch_torchrun(ck/'torchrun.json', quiet=quiet, **distributed)
     finally: (ck/'init.pt').unlink(missing_ok=True)
     hist = adopt_result(trainer)
-    trainer._cb('on_fit_end')
+    trainer.run_callbacks('on_fit_end')
     return hist
 
 # %% ../nbs/32_ddp.ipynb #ad6e6e39

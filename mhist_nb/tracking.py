@@ -150,7 +150,7 @@ def _log_figures(self:MLflowCallback, trainer):
     "Log the curves and, given a validation loader, the confusion matrix at the selected epoch."
     import matplotlib.pyplot as plt
     fig = plot_history(trainer.history_df); self.client.log_figure(self.run_id, fig, 'figures/curves.png'); plt.close(fig)
-    if self.val_dl is not None and trainer.world == 1:     # under torchrun callbacks run on rank 0 alone; predict needs all
+    if self.val_dl is not None and trainer.strategy.world == 1:     # under torchrun callbacks run on rank 0 alone; predict needs all
         pr = trainer.predict(self.val_dl)
         fig = plot_confusion(pr.y, pr.p, trainer.hp['threshold'])
         self.client.log_figure(self.run_id, fig, 'figures/confusion_val.png'); plt.close(fig)

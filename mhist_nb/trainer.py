@@ -20,7 +20,8 @@ from .models import freeze_body, unfreeze
 
 # %% auto #0
 __all__ = ['AMP_MODES', 'BF16_CAPABILITY', 'OPTIMIZERS', 'SCHEDULERS', 'CUBLAS_DETERMINISTIC', 'PER_STEP_SCHEDULERS',
-           'seed_everything', 'pick_device', 'amp_dtype', 'Selector', 'Callback', 'deterministic_kernels', 'Trainer']
+           'seed_everything', 'pick_device', 'amp_dtype', 'Selector', 'Callback', 'Strategy', 'DDPStrategy',
+           'strategy_from_env', 'deterministic_kernels', 'Trainer']
 
 # %% ../nbs/05_trainer.ipynb #2834f53c
 def seed_everything(seed:int):
@@ -153,19 +154,15 @@ def _set_epoch(dl, epoch:int):
             if hasattr(s, 'set_epoch'): s.set_epoch(epoch); return
             s = getattr(s, 'sampler', None)
 
-# %% ../nbs/05_trainer.ipynb #afbc4be5
-def _gather(obj) -> list:
-    "`obj` from every rank, in rank order."
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-# %% ../nbs/05_trainer.ipynb #2bcb87ff
-def _broadcast(obj):
-    "Rank 0's `obj`, on every rank."
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+# %% ../nbs/05_trainer.ipynb #0a312bfa
+def _whole_batch_norms(model:nn.Module, device:torch.device, warn:bool=True) -> nn.Module:
+    "`model` with its BatchNorm layers synchronised over the ranks (`SyncBatchNorm`) on a GPU; elsewhere, a warning."
+    bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
+    if not bn: return model
+    if device.type == 'cuda': return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if warn: warnings.warn(f"{len(bn)} BatchNorm layer(s) ({bn[0]}, ...) normalise each rank's shard separately on "
+                           f"{device.type} (SyncBatchNorm needs GPUs): N processes do not train like one")
+    return model
 
 # %% ../nbs/05_trainer.ipynb #92f6da9c
 def _sharding(dl):
@@ -185,16 +182,59 @@ def _merge_ranks(parts:list, how, n:int|None=None) -> list[tuple]:
     pos = sorted((j * world + r, r, j) for r, (cols, _) in enumerate(parts) for j in range(len(cols['y'])))
     return [(r, j, j + 1) for p, r, j in pos if p < n]
 
-# %% ../nbs/05_trainer.ipynb #ed088dc3
-def _gather_predictions(cols:dict, sizes:list, dl) -> dict:
-    "This rank's prediction columns `cols` (batch sizes `sizes`) joined with every other rank's, in one process's order."
-    how = _sharding(dl)
-    if how is None: return cols                                         # every rank predicted everything
-    parts = _gather((cols, sizes))
-    rows = _merge_ranks(parts, how, None if how == 'slices' else len(how.dataset))
-    cat = lambda k: [parts[r][0][k][a:b] for r, a, b in rows]
-    return dict(name=[n for piece in cat('name') for n in piece],
-                **{k: np.concatenate(cat(k)) for k in ('y', 'votes', 'logit')})
+# %% ../nbs/05_trainer.ipynb #3d2f2db1
+class Strategy:
+    "How the trainer's loop runs over processes: this class is one process, where every step is the identity."
+    rank, world = 0, 1
+    @property
+    def is_main(self) -> bool: return self.rank == 0   # the process that logs, writes files and calls the callbacks
+    def device(self, device:torch.device) -> torch.device: return rank_device(device, 1)   # a GPU gets its index
+    def wrap(self, model:nn.Module, device) -> tuple: return model, model   # (the model, the module to train through)
+    def no_sync(self, step:bool): return nullcontext()                      # around a backward pass
+    def batch_loss(self, loss_fn, loss_sum, logits, y, accum:int) -> tuple:
+        "(this process's summed loss, what to backpropagate, the batch's images over all processes) for one batch."
+        loss = loss_fn(logits, y)
+        return loss.detach() * len(y), (loss * len(y) if accum > 1 else loss), len(y)
+    def sum(self, t:torch.Tensor) -> torch.Tensor: return t                  # summed over processes, in place
+    def gather(self, obj) -> list: return [obj]                              # every process's `obj`, in rank order
+    def broadcast(self, obj): return obj                                     # rank 0's `obj`, in every process
+    def gather_predictions(self, cols:dict, sizes:list, dl) -> dict: return cols   # every process's rows, in order
+
+# %% ../nbs/05_trainer.ipynb #00ca38b9
+class DDPStrategy(Strategy):
+    "N processes under torchrun: DistributedDataParallel, and sums, gathers and broadcasts over the process group."
+    def __init__(self): self.rank, self.world, self.ddp = *dist_rank_world(), None
+    def device(self, device:torch.device) -> torch.device:
+        d = rank_device(device, self.world)                      # under torchrun, the rank's GPU
+        if d.type == 'cuda': torch.cuda.set_device(d)           # NCCL works on the current GPU
+        return d
+    def wrap(self, model:nn.Module, device) -> tuple:
+        "DDP over the parameters trainable now (rebuilt each stage); BatchNorm synchronised over the ranks on GPUs."
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = _whole_batch_norms(model, device, warn=self.is_main)
+        self.ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+        return model, self.ddp
+    def no_sync(self, step:bool): return self.ddp.no_sync() if self.ddp is not None and not step else nullcontext()
+    def batch_loss(self, loss_fn, loss_sum, logits, y, accum:int) -> tuple:
+        s, n = loss_sum(logits, y), self.sum(torch.tensor(float(len(y)), device=logits.device))
+        return s.detach(), (s * self.world if accum > 1 else s * self.world / n), n
+    def sum(self, t:torch.Tensor) -> torch.Tensor: dist.all_reduce(t); return t
+    def gather(self, obj) -> list:
+        out = [None] * self.world; dist.all_gather_object(out, obj); return out
+    def broadcast(self, obj):
+        box = [obj]; dist.broadcast_object_list(box, src=0); return box[0]
+    def gather_predictions(self, cols:dict, sizes:list, dl) -> dict:
+        how = _sharding(dl)
+        if how is None: return cols                                         # every rank predicted everything
+        parts = self.gather((cols, sizes))
+        rows = _merge_ranks(parts, how, None if how == 'slices' else len(how.dataset))
+        cat = lambda k: [parts[r][0][k][a:b] for r, a, b in rows]
+        return dict(name=[n for piece in cat('name') for n in piece], **{k: np.concatenate(cat(k)) for k in ('y', 'votes', 'logit')})
+
+# %% ../nbs/05_trainer.ipynb #10b0384b
+def strategy_from_env() -> Strategy:
+    "`DDPStrategy` when this process is one of several that torchrun started (and joined their group), else `Strategy`."
+    return DDPStrategy() if dist_rank_world()[1] > 1 else Strategy()
 
 # %% ../nbs/05_trainer.ipynb #bed31dcf
 OPTIMIZERS = ('adamw', 'sgd')
@@ -250,18 +290,18 @@ class Trainer:
                  save_last:bool=True, # write `last.pt` every epoch (needed to resume)
                  callbacks=(), quiet:bool=False, # no progress bars, no epoch lines (under torchrun: rank 0's only)
                  compile:bool|str=False, # train through `torch.compile` (a string names the backend)
-                 deterministic:bool=False): # deterministic kernels only: bit-exact resume on the same device type (slower)
+                 deterministic:bool=False, # deterministic kernels only: bit-exact resume on the same device type (slower)
+                 strategy:Strategy|None=None): # one process or N (default: `strategy_from_env`)
         self.hp = _check_hp(dict(lr=lr, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
             scheduler=scheduler, warmup_epochs=warmup_epochs, step_size=step_size, gamma=gamma, grad_clip=grad_clip,
             accum_steps=accum_steps, pos_weight=pos_weight, patience=patience, min_delta=min_delta,
             threshold=threshold, amp=amp, seed=seed, compile=compile, deterministic=deterministic))
         self.selector = Selector(**selector) if isinstance(selector, dict) else (selector or Selector())
-        self.rank, self.world = dist_rank_world()        # under torchrun: this process, and how many train together
-        self.device = rank_device(pick_device(device), self.world)   # a GPU with its index; under torchrun, the rank's
-        if self.device.type == 'cuda' and self.world > 1: torch.cuda.set_device(self.device)   # NCCL works on the current GPU
+        self.strategy = strategy or strategy_from_env()  # under torchrun: this process among the N that train together
+        self.device = self.strategy.device(pick_device(device))   # a GPU with its index; under torchrun, the rank's
         if deterministic: os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC)   # before cuBLAS starts
         self.amp = amp_dtype(amp, self.device)
-        seed_everything(seed + self.rank)                # rank 0 draws what a single process draws
+        seed_everything(seed + self.strategy.rank)                # rank 0 draws what a single process draws
         self.model = model.to(self.device)
         backend = compile if isinstance(compile, str) else 'inductor'
         self.train_model = torch.compile(self.model, backend=backend) if compile else self.model   # shares the weights
@@ -270,16 +310,16 @@ class Trainer:
         self.loss_fn, self.loss_sum = nn.BCEWithLogitsLoss(pos_weight=pw), nn.BCEWithLogitsLoss(pos_weight=pw, reduction='sum')
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else Path(tempfile.mkdtemp(prefix='mhist-ckpt-'))
-        self.callbacks, self.quiet, self.save_last, self.ddp = list(callbacks), quiet or self.rank > 0, save_last, None
+        self.callbacks, self.quiet, self.save_last = list(callbacks), quiet or not self.strategy.is_main, save_last
         self.history, self.best, self.best_any, self.best_state = [], None, None, None
         self.epoch, self.stage, self.stage_start, self.opt, self.sched = -1, 'full', 0, None, None
         self.stop_requested = None      # a reason set by a callback (an Optuna pruner): training ends after this epoch
 
 # %% ../nbs/05_trainer.ipynb #4143fae6
 @patch
-def _cb(self:Trainer, hook:str, *args):
+def run_callbacks(self:Trainer, hook:str, *args):
     "Call `hook` on every callback (on rank 0 only under torchrun: callbacks log and write, once)."
-    if self.rank: return
+    if not self.strategy.is_main: return
     for c in self.callbacks: getattr(c, hook)(self, *args)
 
 # %% ../nbs/05_trainer.ipynb #2d6f3de4
@@ -348,19 +388,7 @@ def _check_finite(self:Trainer, per_batch:torch.Tensor, ys:list, epoch:int):
 @patch
 def _batch_loss(self:Trainer, logits:torch.Tensor, y:torch.Tensor) -> tuple:
     "(this rank's summed loss, what to backpropagate, images in the batch over all ranks) for one batch."
-    acc = self.hp['accum_steps']
-    if self.world == 1:
-        loss = self.loss_fn(logits, y)
-        return loss.detach() * len(y), (loss * len(y) if acc > 1 else loss), len(y)
-    s, n = self.loss_sum(logits, y), torch.tensor(float(len(y)), device=self.device)
-    dist.all_reduce(n)
-    return s.detach(), (s * self.world if acc > 1 else s * self.world / n), n
-
-# %% ../nbs/05_trainer.ipynb #7d834a51
-@patch
-def _sync(self:Trainer, step:bool):
-    "Context of a backward pass: under DDP, gradients are all-reduced only before an optimizer `step`."
-    return self.ddp.no_sync() if self.ddp is not None and not step else nullcontext()
+    return self.strategy.batch_loss(self.loss_fn, self.loss_sum, logits, y, self.hp['accum_steps'])
 
 # %% ../nbs/05_trainer.ipynb #a87797e0
 @patch
@@ -375,7 +403,7 @@ def _train_epoch(self:Trainer, dl, epoch:int) -> dict:
     for b, batch in enumerate(bar):
         x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True).float()
         step = (b + 1) % acc == 0 or b + 1 == n
-        with self._sync(step):
+        with self.strategy.no_sync(step):
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = _logits(self.train_model(x))
             total, loss, k = self._batch_loss(logits, y)
@@ -384,17 +412,17 @@ def _train_epoch(self:Trainer, dl, epoch:int) -> dict:
         if step: self._opt_step(params, in_group); in_group = 0
         losses.append(total); ys.append(y); ps.append(torch.sigmoid(logits.detach()))
         if not self.quiet and b % 25 == 0: bar.set_postfix(loss=f'{total.item() / max(len(y), 1):.4f}')
-        self._cb('on_batch_end', b, total / max(len(y), 1))
+        self.run_callbacks('on_batch_end', b, total / max(len(y), 1))
     return self._epoch_metrics(torch.stack(losses), ys, ps, epoch)
 
 # %% ../nbs/05_trainer.ipynb #8c0e261f
 @patch
 def _epoch_metrics(self:Trainer, per_batch:torch.Tensor, ys:list, ps:list, epoch:int) -> dict:
     "Train loss and metrics from the batches' summed losses, labels and probabilities (joined over ranks under torchrun)."
-    if self.world > 1: dist.all_reduce(per_batch)                # each batch's loss summed over the ranks
+    self.strategy.sum(per_batch)                                # each batch's loss summed over the ranks
     self._check_finite(per_batch, ys, epoch)
     y, p = torch.cat(ys).cpu().numpy(), torch.cat(ps).float().cpu().numpy()
-    if self.world > 1: y, p = (np.concatenate(v) for v in zip(*_gather((y, p))))
+    if self.strategy.world > 1: y, p = (np.concatenate(v) for v in zip(*self.strategy.gather((y, p))))
     return dict(loss=per_batch.sum().item() / len(y), **all_metrics(y, p, self.hp['threshold']))
 
 # %% ../nbs/05_trainer.ipynb #977df91a
@@ -420,7 +448,7 @@ def predict(self:Trainer, dl) -> pd.DataFrame:
         names += list(batch[2]) if len(batch) > 2 else [None] * k
         votes.append(torch.as_tensor(batch[3]) if len(batch) > 3 else torch.full((k,), -1))
     cols = dict(name=names, y=torch.cat(ys).int().numpy(), votes=torch.cat(votes).numpy(), logit=torch.cat(logits).cpu().numpy())
-    if self.world > 1: cols = _gather_predictions(cols, sizes, dl)
+    cols = self.strategy.gather_predictions(cols, sizes, dl)
     return pd.DataFrame(dict(**cols, p=torch.sigmoid(torch.from_numpy(cols['logit'])).numpy()))
 
 # %% ../nbs/05_trainer.ipynb #9117e753
@@ -437,8 +465,8 @@ def evaluate(self:Trainer, dl, threshold:float|None=None) -> dict:
 def save_checkpoint(self:Trainer, path:Path):
     "Everything needed to continue training, written atomically by rank 0 (with every rank's RNG state under torchrun)."
     rng = _rng_state(self.device)
-    ranks = _gather(rng) if self.world > 1 else None            # every rank takes part; rank 0 writes
-    if self.rank: return
+    ranks = self.strategy.gather(rng) if self.strategy.world > 1 else None   # every rank takes part; rank 0 writes
+    if not self.strategy.is_main: return
     _atomic_save(dict(model=self.model.state_dict(), optimizer=self.opt.state_dict() if self.opt else None,
                       scheduler=self.sched.state_dict() if self.sched else None, scaler=self.scaler.state_dict(),
                       epoch=self.epoch, stage=self.stage, stage_start=self.stage_start, rng=rng, rng_ranks=ranks,
@@ -451,18 +479,18 @@ def save_checkpoint(self:Trainer, path:Path):
 @patch
 def _read_rank0(self:Trainer, path:Path) -> dict|None:
     "`torch.load` of `path` (None if missing), read by rank 0 and sent to every rank: other machines need not see the file."
-    ck = torch.load(path, map_location='cpu', weights_only=True) if self.rank == 0 and path.is_file() else None
-    return _broadcast(ck) if self.world > 1 else ck
+    ck = torch.load(path, map_location='cpu', weights_only=True) if self.strategy.is_main and path.is_file() else None
+    return self.strategy.broadcast(ck)
 
 # %% ../nbs/05_trainer.ipynb #10d9b762
 @patch
 def _own_rng(self:Trainer, ck:dict) -> dict:
     "This rank's RNG state from checkpoint `ck`; rank 0's (with a warning) if it was written by a different number of ranks."
-    ranks = ck.get('rng_ranks')
-    if self.world == 1 and not ranks: return ck['rng']
-    if ranks is not None and len(ranks) == self.world: return ranks[self.rank]
-    if self.rank == 0: warnings.warn(f"the checkpoint was written by {len(ranks) if ranks else 1} process(es), this run has "
-                                     f"{self.world}: training resumes, but not bit for bit (dropout draws differ)")
+    ranks, s = ck.get('rng_ranks'), self.strategy
+    if s.world == 1 and not ranks: return ck['rng']
+    if ranks is not None and len(ranks) == s.world: return ranks[s.rank]
+    if s.is_main: warnings.warn(f"the checkpoint was written by {len(ranks) if ranks else 1} process(es), this run has "
+                                f"{s.world}: training resumes, but not bit for bit (dropout draws differ)")
     return ck['rng']
 
 # %% ../nbs/05_trainer.ipynb #b38cea68
@@ -486,51 +514,39 @@ def load_checkpoint(self:Trainer, path) -> dict:
 @patch
 def restore_best(self:Trainer) -> dict|None:
     "Load the selected epoch's weights into the model; return its metrics row."
-    if self.best is None and self.best_any is not None and self.rank == 0:          # one warning, not one per rank
+    if self.best is None and self.best_any is not None and self.strategy.is_main:   # one warning, not one per rank
         warnings.warn(f'no epoch met the floors {self.selector.floors}; keeping the epoch chosen by the fallback rule, '
                       f'best {self.selector.fallback["monitor"]} (epoch {self.best_any["epoch"]})')
     row = self.best or self.best_any
     if self.best_state is not None: self.model.load_state_dict(self.best_state)
     return row
 
-# %% ../nbs/05_trainer.ipynb #0a312bfa
-def _whole_batch_norms(model:nn.Module, device:torch.device, warn:bool=True) -> nn.Module:
-    "`model` with its BatchNorm layers synchronised over the ranks (`SyncBatchNorm`) on a GPU; elsewhere, a warning."
-    bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
-    if not bn: return model
-    if device.type == 'cuda': return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if warn: warnings.warn(f"{len(bn)} BatchNorm layer(s) ({bn[0]}, ...) normalise each rank's shard separately on "
-                           f"{device.type} (SyncBatchNorm needs GPUs): N processes do not train like one")
-    return model
-
 # %% ../nbs/05_trainer.ipynb #5e6c26f2
 @patch
-def _wrap_ddp(self:Trainer):
-    "Under torchrun, train through DistributedDataParallel over the parameters trainable now (so, rebuilt each stage)."
-    if self.world == 1: return
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    self.model = _whole_batch_norms(self.model, self.device, warn=self.rank == 0)
-    self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
+def _wrap(self:Trainer):
+    "Train through the strategy's wrapper of the parameters trainable now (DDP under torchrun; so, rebuilt each stage)."
+    self.model, wrapped = self.strategy.wrap(self.model, self.device)
+    if wrapped is self.model: return                            # one process: `train_model` stays as built
     c = self.hp['compile']
-    self.train_model = torch.compile(self.ddp, backend=c if isinstance(c, str) else 'inductor') if c else self.ddp
+    self.train_model = torch.compile(wrapped, backend=c if isinstance(c, str) else 'inductor') if c else wrapped
 
 # %% ../nbs/05_trainer.ipynb #6a8c4043
 @patch
 def _start_stage(self:Trainer, train_dl, end:int, lr:float, ck:dict|None):
     "Build the stage's optimizer and scheduler (with `ck`'s state if it is this stage's), then tell the callbacks."
     self._build_opt(lr, end - self.stage_start, len(train_dl))
-    self._wrap_ddp()
+    self._wrap()
     if ck is not None and ck['stage'] == self.stage and ck['optimizer'] is not None:
         self.opt.load_state_dict(ck['optimizer'])
         if self.sched is not None and ck['scheduler'] is not None: self.sched.load_state_dict(ck['scheduler'])
-    self._cb('on_stage_start', self.stage)
+    self.run_callbacks('on_stage_start', self.stage)
 
 # %% ../nbs/05_trainer.ipynb #37a6697c
 @patch
 def _run_epoch(self:Trainer, train_dl, val_dl, epoch:int) -> dict:
     "Train and validate epoch `epoch`, step the per-epoch schedulers; return its metrics row."
     self.epoch = epoch
-    self._cb('on_epoch_start', epoch)
+    self.run_callbacks('on_epoch_start', epoch)
     _set_epoch(train_dl, epoch)
     t0, lr_now = time.perf_counter(), self.opt.param_groups[0]['lr']
     tr = self._train_epoch(train_dl, epoch)
@@ -552,13 +568,13 @@ def _record(self:Trainer, row:dict):
     if row['meets_floors'] and self.selector.better(row, self.best): self.best = row
     if self.best is row or (self.best is None and self.best_any is row):
         self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        if self.rank == 0: _atomic_save(dict(model=self.best_state, metrics=row, selector=asdict(self.selector),
+        if self.strategy.is_main: _atomic_save(dict(model=self.best_state, metrics=row, selector=asdict(self.selector),
                           selected_by=self.selected_by), self.ckpt_dir/'best.pt')
-        self._cb('on_checkpoint', self.ckpt_dir/'best.pt', True)
+        self.run_callbacks('on_checkpoint', self.ckpt_dir/'best.pt', True)
     if self.save_last:
         self.save_checkpoint(self.ckpt_dir/'last.pt')
-        self._cb('on_checkpoint', self.ckpt_dir/'last.pt', False)
-    self._cb('on_epoch_end', row)
+        self.run_callbacks('on_checkpoint', self.ckpt_dir/'last.pt', False)
+    self.run_callbacks('on_epoch_end', row)
 
 # %% ../nbs/05_trainer.ipynb #f64c014f
 def _patience_step(best_loss:float, bad:int, loss:float, min_delta:float) -> tuple:
@@ -590,7 +606,7 @@ def _stage(self:Trainer, train_dl, val_dl, end:int, lr:float, ck:dict|None=None)
             break
         row = self._run_epoch(train_dl, val_dl, epoch)
         self._record(row)
-        if self.world > 1: self.stop_requested = _broadcast(self.stop_requested)   # a rank-0 callback's decision
+        self.stop_requested = self.strategy.broadcast(self.stop_requested)   # a rank-0 callback's decision
         if not self.quiet: print(_fmt_row(row))
         best_loss, bad = _patience_step(best_loss, bad, row['val_loss'], min_delta)
 
@@ -601,10 +617,10 @@ def fit(self:Trainer, train_dl, val_dl, epochs:int, lr:float|None=None, resume=N
     with deterministic_kernels(self.hp['deterministic']):
         ck = self.load_checkpoint(resume) if resume else None
         if ck is None: self.stage, self.stage_start = 'full', self.epoch + 1
-        self._cb('on_fit_start')
+        self.run_callbacks('on_fit_start')
         self._stage(train_dl, val_dl, epochs, lr or self.hp['lr'], ck)
         self.restore_best()
-        self._cb('on_fit_end')
+        self.run_callbacks('on_fit_end')
     return self.history_df
 
 # %% ../nbs/05_trainer.ipynb #d4520016
@@ -614,7 +630,7 @@ def fit_two_stage(self:Trainer, train_dl, val_dl, head_epochs:int, full_epochs:i
     "Stage 1: head only at `lr_head`; stage 2: everything at `lr_full`, with a rebuilt optimizer. Returns the history."
     with deterministic_kernels(self.hp['deterministic']):
         ck = self.load_checkpoint(resume) if resume else None
-        self._cb('on_fit_start')
+        self.run_callbacks('on_fit_start')
         if ck is None or (ck['stage'] == 'head' and self.epoch + 1 < head_epochs):
             if ck is None: self.stage, self.stage_start = 'head', 0
             freeze_body(self.model)
@@ -623,5 +639,5 @@ def fit_two_stage(self:Trainer, train_dl, val_dl, head_epochs:int, full_epochs:i
         unfreeze(self.model)
         self._stage(train_dl, val_dl, self.stage_start + full_epochs, lr_full, ck)
         self.restore_best()
-        self._cb('on_fit_end')
+        self.run_callbacks('on_fit_end')
     return self.history_df
