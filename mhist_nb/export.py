@@ -15,20 +15,19 @@ import onnx, onnxruntime as ort
 from PIL import Image
 from .data import MHISTData
 from .metrics import all_metrics, threshold_by_roc_curve
-from .models import create, count_parameters
-from .synth import synth
+from .models import create
 from .mlflow_runs import try_mlflow
 from .core import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sigmoid, sha256
 from .serve import (MANIFEST_REQUIRED, check_manifest, read_manifest, ort_session, onnx_logits, open_model,
                             preprocess, classify)
 
 # %% auto #0
-__all__ = ['INT8_OPS', 'INT8_QUANTIZATION', 'DEMO_MODELS', 'MANIFEST_METRICS', 'export_onnx', 'torch_logits', 'parity',
-           'quantize_int8', 'latency', 'time_backends', 'file_mb', 'state_dict_mb', 'export_versions', 'write_manifest',
-           'model_from_run', 'read_threshold', 'log_artifacts', 'validation_tiles', 'run_validation_tiles', 'demo_run',
-           'demo_runs', 'batched_logits', 'export_fp32', 'export_int8', 'training_agreement', 'compare_formats',
-           'manifest_metrics', 'export_source', 'write_manifests', 'size_rows', 'export_run', 'pixel_stats',
-           'expected_threshold', 'audit_manifest', 'audit_export']
+__all__ = ['INT8_OPS', 'INT8_QUANTIZATION', 'MANIFEST_METRICS', 'export_onnx', 'torch_logits', 'parity', 'quantize_int8',
+           'latency', 'time_backends', 'file_mb', 'state_dict_mb', 'export_versions', 'write_manifest',
+           'model_from_run', 'read_threshold', 'log_artifacts', 'validation_tiles', 'run_validation_tiles',
+           'batched_logits', 'export_fp32', 'export_int8', 'training_agreement', 'compare_formats', 'manifest_metrics',
+           'export_source', 'write_manifests', 'size_rows', 'export_run', 'pixel_stats', 'expected_threshold',
+           'audit_manifest', 'audit_export']
 
 # %% ../nbs/07_export.ipynb #4b342384
 @contextmanager
@@ -225,29 +224,6 @@ def run_validation_tiles(run:dict, data_dir=None) -> dict:
         warnings.warn(f"{run.get('family')}: mean/std of the training split ({val['mean']}, {val['std']}) differ from the "
                       f"run's ({run['mean']}, {run['std']}): is data_dir the data the model was trained on?")
     return val
-
-# %% ../nbs/07_export.ipynb #5307b8b9
-DEMO_MODELS = {'mlp': 'mlp_small', 'vit': 'vit_micro_conv'}   # family -> registry name of the standalone demo
-
-def demo_run(out_dir, family:str, model:str, data:MHISTData, seed:int=0, **model_kw) -> dict:
-    "Save a random-initial `model` as a checkpoint in `out_dir` and write the `run_{family}.json` a training notebook would."
-    torch.manual_seed(seed)
-    net = create(model, **model_kw)
-    ckpt = Path(out_dir)/f'ckpt_{model}'/'best.pt'; ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({'model': net.state_dict()}, ckpt)
-    run = dict(family=family, model=model, model_kw=model_kw, checkpoint=str(ckpt), run_id=None, tracking_uri=None,
-               experiment=None, mean=data.mean, std=data.std, input_size=224, class_names=list(CLASS_NAMES),
-               data_dir=str(data.root), val_frac=data.val_frac, seed=data.seed, train_seconds=0.0,
-               params=count_parameters(net))
-    (Path(out_dir)/f'run_{family}.json').write_text(json.dumps(run, indent=2))
-    return run
-
-# %% ../nbs/07_export.ipynb #19f4bbc5
-def demo_runs(out_dir, tiles=None, models:dict=DEMO_MODELS, model_kw:dict|None=None, seed:int=0) -> dict:
-    "Stand-in runs {family: run json} for `models` ({family: registry name}) on `tiles` (None: tiny synthetic tiles in `out_dir`)."
-    tiles = tiles or synth(Path(out_dir)/'synth', scale=0.02, seed=seed)
-    data = MHISTData(tiles, val_frac=0.2, seed=seed, num_workers=0)
-    return {f: demo_run(out_dir, f, name, data, seed, **(model_kw or {}).get(f, {})) for f, name in models.items()}
 
 # %% ../nbs/07_export.ipynb #b4eaa11c
 def batched_logits(fn, X, batch_size:int=32) -> np.ndarray:

@@ -12,19 +12,19 @@ from scipy.stats import binomtest
 from sklearn.metrics import roc_curve, precision_recall_curve
 from .metrics import (THRESHOLD_RULES, _resample, choose_threshold, threshold_metrics, threshold_sweep,
                               metrics_table, ranking_metrics, calibration_table, ece, fit_temperature, apply_temperature)
-from .core import CLASS_NAMES, sigmoid
+from .core import CLASS_NAMES
 from .mlflow_runs import try_mlflow
 
 # %% auto #0
-__all__ = ['PALETTE', 'SIMULATED_FAMILIES', 'DEMO_SSA_SHARE', 'PREDICTION_COLUMNS', 'INTERVAL_METRICS', 'COUNTS', 'GRID',
-           'RULE_STYLE', 'SWEEP_METRICS', 'STANDINS', 'WALL_SIDES', 'file_audit', 'label_table', 'plot_label_counts',
-           'agreement_table', 'plot_agreement', 'plot_samples', 'plot_channel_histograms', 'write_demo_predictions',
-           'read_family', 'rule_thresholds', 'rules_table', 'interval_text', 'show_intervals', 'roc_on_grid',
-           'pr_on_grid', 'curve_bands', 'plot_roc_pr', 'plot_sweep', 'temperature_scaling', 'calls_changed',
-           'plot_reliability', 'errors_by_votes', 'plot_votes', 'threshold_manifest', 'log_to_run', 'run_stats',
-           'ci_text', 'rule_description', 'target_sentence', 'shift_sentence', 'temperature_sentence', 'votes_sentence',
-           'threshold_conclusion', 'ranking_table', 'plot_auc_intervals', 'cost_table', 'write_explain_standins',
-           'randomisation_row', 'wall_share_row', 'method_sentence', 'wall_verdict', 'method_summary']
+__all__ = ['PALETTE', 'PREDICTION_COLUMNS', 'INTERVAL_METRICS', 'COUNTS', 'GRID', 'RULE_STYLE', 'SWEEP_METRICS', 'WALL_SIDES',
+           'file_audit', 'label_table', 'plot_label_counts', 'agreement_table', 'plot_agreement', 'plot_samples',
+           'plot_channel_histograms', 'read_family', 'rule_thresholds', 'rules_table', 'interval_text',
+           'show_intervals', 'roc_on_grid', 'pr_on_grid', 'curve_bands', 'plot_roc_pr', 'plot_sweep',
+           'temperature_scaling', 'calls_changed', 'plot_reliability', 'errors_by_votes', 'plot_votes',
+           'threshold_manifest', 'log_to_run', 'run_stats', 'ci_text', 'rule_description', 'target_sentence',
+           'shift_sentence', 'temperature_sentence', 'votes_sentence', 'threshold_conclusion', 'ranking_table',
+           'plot_auc_intervals', 'cost_table', 'randomisation_row', 'wall_share_row', 'method_sentence', 'wall_verdict',
+           'method_summary']
 
 # %% ../nbs/08_report.ipynb #ed61fc47
 def file_audit(data_dir, names) -> pd.DataFrame:
@@ -98,35 +98,6 @@ def plot_channel_histograms(hist, mean, std, figsize=(7, 3.5)) -> plt.Figure:
         ax.axvline(mean[c], color=col, ls='--', lw=1)
     ax.set(xlabel='intensity', ylabel='share of pixels', title='Per-channel intensity, training split'); ax.legend()
     return fig
-
-# %% ../nbs/08_report.ipynb #4aa6da81
-SIMULATED_FAMILIES = dict(mlp=dict(sep=0.3, scale=2.4, bias=-1.0),   # the demo's simulated predictors (not models):
-                          vit=dict(sep=0.5, scale=2.0, bias=-1.2))   # logit = scale * (sep * (votes - 3.5) + noise) + bias;
-                                                                     # test AUC about 0.8 and 0.9
-DEMO_SSA_SHARE = 0.31                                          # about MHIST's share of SSA tiles
-
-def _demo_tiles(rng:np.random.Generator, n:int) -> dict:
-    "A validation and a test table of `n` tiles each: name, y and annotator votes drawn as mhist_nb.synth draws them."
-    from mhist_nb.synth import draw_votes, tile_name       # here: mhist_nb.synth imports torch
-    tiles = {}
-    for k, split in enumerate(('val', 'test')):
-        ssa = rng.random(n) < DEMO_SSA_SHARE
-        tiles[split] = pd.DataFrame(dict(name=[tile_name(k * n + i) for i in range(n)], y=ssa.astype(int),
-                                         votes=[draw_votes(rng, s)[1] for s in ssa]))
-    return tiles
-
-# %% ../nbs/08_report.ipynb #bd04fd46
-def write_demo_predictions(folder, seed:int=0, n:int=300) -> list:
-    "Synthetic predictions_{family}_{val,test}.csv and run_{family}.json in `folder` for an 'mlp' and a better 'vit'."
-    rng, folder = np.random.default_rng(seed), Path(folder)
-    tiles = _demo_tiles(rng, n)
-    for fam, q in SIMULATED_FAMILIES.items():
-        for split, df in tiles.items():
-            logit = q['scale'] * (q['sep'] * (df.votes - 3.5) + rng.normal(0, 1, n)) + q['bias']
-            df.assign(logit=logit, p=sigmoid(logit), split=split).to_csv(folder / f'predictions_{fam}_{split}.csv', index=False)
-        run = dict(family=fam, model=f'demo_{fam}', run_id=None, tracking_uri=None, experiment=None, synthetic=True)
-        (folder / f'run_{fam}.json').write_text(json.dumps(run, indent=2))
-    return list(SIMULATED_FAMILIES)
 
 # %% ../nbs/08_report.ipynb #d5d43b0d
 PREDICTION_COLUMNS = ('name', 'y', 'votes', 'logit', 'p')
@@ -431,35 +402,6 @@ def cost_table(runs:dict) -> pd.DataFrame:
     return pd.DataFrame({f: dict(model=r.get('model'), train_seconds=secs(r),
                                  parameters=f"{int(float(r['params'])):,}" if r.get('params') else 'n/a')
                          for f, r in runs.items()}).T[['model', 'parameters', 'train_seconds']]
-
-# %% ../nbs/08_report.ipynb #bd0432a0
-STANDINS = (('mlp', 'mlp', dict(hidden=(32, 16))), ('vit', 'vit_micro_conv', {}))    # (family, model, model_kw)
-
-def _write_standin(folder:Path, family:str, model:str, model_kw:dict, data, seed:int):
-    "One untrained stand-in in `folder`: its checkpoint, test predictions, a threshold at the median p, its run file."
-    import torch                                         # here: the rest of this module needs no torch
-    from mhist_nb.models import create
-    from mhist_nb.export import torch_logits
-    from mhist_nb.explain import load_tiles
-    test, ckpt = data.df[data.df.split == 'test'], folder / f'standin_{family}.pt'
-    torch.manual_seed(seed); net = create(model, **model_kw).eval()
-    torch.save({'model': net.state_dict()}, ckpt)
-    logit = torch_logits(net, load_tiles(data.root, test.name, data.mean, data.std)[1]).astype(np.float64)
-    p = sigmoid(logit)
-    test[['name', 'y', 'votes']].assign(logit=logit, p=p, split='test').to_csv(folder / f'predictions_{family}_test.csv', index=False)
-    (folder / f'threshold_{family}.json').write_text(json.dumps(dict(rule='stand-in: median p', threshold=float(np.median(p)), applies_to='p')))
-    (folder / f'run_{family}.json').write_text(json.dumps(dict(family=family, model=model, model_kw=model_kw, checkpoint=str(ckpt),
-                                                               mean=data.mean, std=data.std, input_size=224, data_dir=str(data.root))))
-
-# %% ../nbs/08_report.ipynb #27d62f1e
-def write_explain_standins(folder, seed:int=0, scale:float=0.02) -> Path:
-    "Synthetic tiles (their folder is returned) and the untrained STANDINS with run files, test predictions and thresholds."
-    from mhist_nb.data import MHISTData                  # here: both import torch
-    from mhist_nb.synth import synth
-    folder = Path(folder)
-    data = MHISTData(synth(folder / 'synth', scale=scale, seed=seed), val_frac=0.2, seed=seed, num_workers=0)
-    for family, model, model_kw in STANDINS: _write_standin(folder, family, model, model_kw, data, seed)
-    return data.root
 
 # %% ../nbs/08_report.ipynb #c74d12f2
 def randomisation_row(rho, max_rho:float=0.5, checked:bool=True) -> dict:
