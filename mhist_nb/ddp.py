@@ -84,12 +84,12 @@ def run_worker(cfg:dict) -> Trainer:
     data = MHISTData(d.pop('data_dir'), check_images=False, **d)          # the notebook has validated the tiles
     torch.manual_seed(cfg['trainer'].get('seed', 42))                      # the same weights on every rank, before `init`
     trainer = Trainer(create(cfg['model']['name'], **cfg['model']['kw']), callbacks=_callbacks(cfg, rank), **cfg['trainer'])
-    if cfg.get('init'): trainer.model.load_state_dict(trainer._read_rank0(Path(cfg['init']))['model'])
+    if cfg.get('init'): trainer.model.load_state_dict(trainer.load_from_main(Path(cfg['init']))['model'])
     fit = dict(cfg['fit'])
     getattr(trainer, fit.pop('method'))(data.train, data.val, **fit)
     devices = trainer.strategy.gather(dict(model=str(trainer.device), data=data.data_device))   # where each rank trained
     if trainer.strategy.is_main:                                                                 # and held its tiles
-        out = dict(history=trainer.history, best=trainer.best, best_any=trainer.best_any, epoch=trainer.epoch,
+        out = dict(history=trainer.history, best=trainer.best, best_fallback=trainer.best_fallback, epoch=trainer.epoch,
                    stage=trainer.stage, world=trainer.strategy.world, devices=devices)
         (trainer.ckpt_dir/'fit.json').write_text(json.dumps(out, indent=1))
     return trainer
@@ -144,7 +144,7 @@ def launch_torchrun(config, quiet:bool=False, **distributed):
 def adopt_result(trainer:Trainer) -> pd.DataFrame:
     "Load the history, the selection and the selected weights that rank 0 wrote into `trainer.ckpt_dir`; return the history."
     r = json.loads((trainer.ckpt_dir/'fit.json').read_text())
-    trainer.history, trainer.best, trainer.best_any = r['history'], r['best'], r['best_any']
+    trainer.history, trainer.best, trainer.best_fallback = r['history'], r['best'], r['best_fallback']
     trainer.epoch, trainer.stage = r['epoch'], r['stage']
     trainer.best_state = torch.load(trainer.ckpt_dir/'best.pt', map_location='cpu', weights_only=True)['model']
     trainer.restore_best()

@@ -190,7 +190,7 @@ def save_experiment(out_dir, family:str, trainer, data, cb:MLflowCallback, model
                  run=out_dir/f'run_{family}.json')
     pred_val.to_csv(files['val'], index=False); pred_test.to_csv(files['test'], index=False)
     val_table.to_csv(files['metrics']); trainer.history_df.to_csv(files['history'], index=False)
-    best = trainer.best or trainer.best_any
+    best = trainer.selected
     info = dict(family=family, model=model, model_kw=model_kw, checkpoint=str(trainer.ckpt_dir/'best.pt'),
                 run_id=cb.run_id if cb.enabled else None, tracking_uri=cb.uri, experiment=cb.experiment,
                 mean=data.mean, std=data.std, input_size=input_size, class_names=list(CLASS_NAMES), data_dir=str(data.root),
@@ -205,7 +205,7 @@ def save_experiment(out_dir, family:str, trainer, data, cb:MLflowCallback, model
 def experiment_conclusion(trainer, model:str, val_table, threshold:float, train_seconds:float, synthetic:bool,
                           extra=()) -> str:
     "The conclusion both training notebooks share, as Markdown bullet lines, with the notebook's `extra` lines."
-    hist, best, auc, s = trainer.history_df, trainer.best or trainer.best_any, val_table.loc['auc'], model_summary(trainer.model)
+    hist, best, auc, s = trainer.history_df, trainer.selected, val_table.loc['auc'], model_summary(trainer.model)
     stage = f" ({best['stage']} stage)" if hist.stage.nunique() > 1 else ''
     lines = [f"* {model} ({s['params']:,} parameters, {s['size_mb_fp32']:.0f} MB in float32) trained "
              f"{len(hist)} epoch(s) in {train_seconds:.0f} s on {trainer.device}.",

@@ -135,7 +135,7 @@ def on_epoch_end(self:MLflowCallback, trainer, row):
 def _log_best(self:MLflowCallback, trainer):
     "Log the training time and the selected epoch's metrics as `best_*`, and tag the epoch and the rule."
     from mlflow.entities import Metric
-    best, ts = trainer.best or trainer.best_any, int(time.time() * 1000)
+    best, ts = trainer.selected, int(time.time() * 1000)
     ms = [Metric('train_seconds', time.perf_counter() - self.t0, ts, 0)]
     if best is not None:
         ms += [Metric(f'best_{k}', float(v), ts, 0) for k, v in best.items()

@@ -311,7 +311,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else Path(tempfile.mkdtemp(prefix='mhist-ckpt-'))
         self.callbacks, self.quiet, self.save_last = list(callbacks), quiet or not self.strategy.is_main, save_last
-        self.history, self.best, self.best_any, self.best_state = [], None, None, None
+        self.history, self.best, self.best_fallback, self.best_state = [], None, None, None
         self.epoch, self.stage, self.stage_start, self.opt, self.sched = -1, 'full', 0, None, None
         self.stop_requested = None      # a reason set by a callback (an Optuna pruner): training ends after this epoch
 
@@ -327,7 +327,13 @@ def run_callbacks(self:Trainer, hook:str, *args):
 def selected_by(self:Trainer) -> str|None:
     "Which rule chose the kept epoch: the selector's, or its fallback when no epoch met the floors."
     if self.best is not None: return self.selector.describe()
-    return self.selector.describe(fallback=True) if self.best_any is not None else None
+    return self.selector.describe(fallback=True) if self.best_fallback is not None else None
+
+# %% ../nbs/05_trainer.ipynb #28a64dc4
+@patch(as_prop=True)
+def selected(self:Trainer) -> dict|None:
+    "The kept epoch's metrics row: the selector's best, else (no epoch met the floors) the fallback rule's best."
+    return self.best or self.best_fallback
 
 # %% ../nbs/05_trainer.ipynb #9d9ac671
 @patch(as_prop=True)
@@ -470,14 +476,14 @@ def save_checkpoint(self:Trainer, path:Path):
     _atomic_save(dict(model=self.model.state_dict(), optimizer=self.opt.state_dict() if self.opt else None,
                       scheduler=self.sched.state_dict() if self.sched else None, scaler=self.scaler.state_dict(),
                       epoch=self.epoch, stage=self.stage, stage_start=self.stage_start, rng=rng, rng_ranks=ranks,
-                      history=_plain(self.history), best=_plain(self.best), best_any=_plain(self.best_any),
+                      history=_plain(self.history), best=_plain(self.best), best_fallback=_plain(self.best_fallback),
                       hp=_plain(self.hp), selector=asdict(self.selector),
                       trainable=[p.requires_grad for p in self.model.parameters()]),
                  Path(path))
 
 # %% ../nbs/05_trainer.ipynb #c76c3510
 @patch
-def _read_rank0(self:Trainer, path:Path) -> dict|None:
+def load_from_main(self:Trainer, path:Path) -> dict|None:
     "`torch.load` of `path` (None if missing), read by rank 0 and sent to every rank: other machines need not see the file."
     ck = torch.load(path, map_location='cpu', weights_only=True) if self.strategy.is_main and path.is_file() else None
     return self.strategy.broadcast(ck)
@@ -498,13 +504,13 @@ def _own_rng(self:Trainer, ck:dict) -> dict:
 def load_checkpoint(self:Trainer, path) -> dict:
     "Restore a `last.pt` written by `save_checkpoint` (read on the CPU, `weights_only`; by rank 0, sent to the others); return it."
     path = Path(path)
-    ck = self._read_rank0(path)
+    ck = self.load_from_main(path)
     if ck is None: raise FileNotFoundError(f'checkpoint to resume from not found: {path}')
     self.model.load_state_dict(ck['model'])                     # copies onto the model's device
     for p, t in zip(self.model.parameters(), ck['trainable']): p.requires_grad_(t)
     self.epoch, self.stage, self.stage_start, self.history = ck['epoch'], ck['stage'], ck['stage_start'], ck['history']
-    self.best, self.best_any = ck['best'], ck['best_any']
-    best = self._read_rank0(path.parent/'best.pt')
+    self.best, self.best_fallback = ck['best'], ck.get('best_fallback', ck.get('best_any'))   # best_any: before 2026-12
+    best = self.load_from_main(path.parent/'best.pt')
     if best is not None: self.best_state = best['model']
     if ck['scaler']: self.scaler.load_state_dict(ck['scaler'])    # {}: saved by a disabled scaler (CPU, bf16, fp32)
     _set_rng_state(self._own_rng(ck), self.device)
@@ -514,10 +520,10 @@ def load_checkpoint(self:Trainer, path) -> dict:
 @patch
 def restore_best(self:Trainer) -> dict|None:
     "Load the selected epoch's weights into the model; return its metrics row."
-    if self.best is None and self.best_any is not None and self.strategy.is_main:   # one warning, not one per rank
+    if self.best is None and self.best_fallback is not None and self.strategy.is_main:   # one warning, not one per rank
         warnings.warn(f'no epoch met the floors {self.selector.floors}; keeping the epoch chosen by the fallback rule, '
-                      f'best {self.selector.fallback["monitor"]} (epoch {self.best_any["epoch"]})')
-    row = self.best or self.best_any
+                      f'best {self.selector.fallback["monitor"]} (epoch {self.best_fallback["epoch"]})')
+    row = self.selected
     if self.best_state is not None: self.model.load_state_dict(self.best_state)
     return row
 
@@ -564,9 +570,9 @@ def _run_epoch(self:Trainer, train_dl, val_dl, epoch:int) -> dict:
 def _record(self:Trainer, row:dict):
     "Append `row` to the history; keep the weights (and `best.pt`) if it is the selected epoch so far; write `last.pt`."
     self.history.append(row)
-    if self.selector.better(row, self.best_any, fallback=True): self.best_any = row
+    if self.selector.better(row, self.best_fallback, fallback=True): self.best_fallback = row
     if row['meets_floors'] and self.selector.better(row, self.best): self.best = row
-    if self.best is row or (self.best is None and self.best_any is row):
+    if self.best is row or (self.best is None and self.best_fallback is row):
         self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         if self.strategy.is_main: _atomic_save(dict(model=self.best_state, metrics=row, selector=asdict(self.selector),
                           selected_by=self.selected_by), self.ckpt_dir/'best.pt')
