@@ -57,9 +57,11 @@ class ServeConfig:
 
     def check(self):
         "Raise a ValueError naming the setting that is out of range."
-        if self.resize not in RESIZE_POLICIES: raise ValueError(f'resize (MHIST_RESIZE) must be one of {RESIZE_POLICIES}, got {self.resize!r}')
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f'resize (MHIST_RESIZE) must be one of {RESIZE_POLICIES}, got {self.resize!r}')
         if self.max_batch < 1: raise ValueError(f'max_batch (MHIST_MAX_BATCH) must be at least 1, got {self.max_batch}')
-        if self.max_body_mb <= 0: raise ValueError(f'max_body_mb (MHIST_MAX_BODY_MB) must be positive, got {self.max_body_mb}')
+        if self.max_body_mb <= 0:
+            raise ValueError(f'max_body_mb (MHIST_MAX_BODY_MB) must be positive, got {self.max_body_mb}')
 
 # %% ../nbs/22_api.ipynb #ec0cbb11
 class APIError(Exception):
@@ -80,7 +82,8 @@ IMAGE_TYPES = ('image/png', 'image/jpeg', 'image/tiff', 'application/x-image')
 
 def _b64(s, i:int) -> bytes:
     "Image `i` of a JSON body: the bytes of the base64 text `s`, or a 400 APIError."
-    if not isinstance(s, str): raise APIError(400, 'bad base64', f'image {i}: expected a base64 string, got {type(s).__name__}')
+    if not isinstance(s, str):
+        raise APIError(400, 'bad base64', f'image {i}: expected a base64 string, got {type(s).__name__}')
     try: return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError): raise APIError(400, 'bad base64', f'image {i}: not valid base64') from None
 
@@ -99,7 +102,8 @@ def _json_images(req) -> tuple[list[bytes], list[None]]:
     if not isinstance(body, dict) or not ({'image', 'images'} & set(body)):
         raise APIError(400, 'missing field', 'send {"image": "<base64>"} or {"images": ["<base64>", ...]}')
     items = [body['image']] if 'image' in body else body['images']
-    if not isinstance(items, list) or not items: raise APIError(400, 'missing field', '"images" must be a non-empty list')
+    if not isinstance(items, list) or not items:
+        raise APIError(400, 'missing field', '"images" must be a non-empty list')
     return [_b64(s, i) for i, s in enumerate(items)], [None] * len(items)
 
 # %% ../nbs/22_api.ipynb #2823f93f
@@ -110,14 +114,16 @@ def _body_image(req) -> tuple[list[bytes], list[None]]:
     return [data], [None]
 
 # %% ../nbs/22_api.ipynb #0714d432
-_READERS = {'multipart/form-data': _form_images, 'application/json': _json_images, **dict.fromkeys(IMAGE_TYPES, _body_image)}
+_READERS = {'multipart/form-data': _form_images, 'application/json': _json_images,
+            **dict.fromkeys(IMAGE_TYPES, _body_image)}
 
 def request_images(req) -> tuple[list[bytes], list[str|None]]:
     "The image bytes (and file names, where known) of a request, or an APIError saying what is wrong."
     read = _READERS.get(req.mimetype)
     if read is None:
         raise APIError(415, 'unsupported content type',
-                       f"{req.mimetype or 'no content type'}; send multipart/form-data (field 'file'), application/json "
+                       f"{req.mimetype or 'no content type'}; send "
+                       "multipart/form-data (field 'file'), application/json "
                        f"({{\"image\": base64}}) or one of {', '.join(IMAGE_TYPES)}")
     return read(req)
 
@@ -132,9 +138,12 @@ def _metrics() -> dict:
         reg = CollectorRegistry()                     # our own, not the global one: no clash when imported twice
         ProcessCollector(registry=reg); PlatformCollector(registry=reg)
         _METRICS = dict(registry=reg,
-            requests=Counter('mhist_requests', 'HTTP requests by route, model and status', ['route', 'model', 'status'], registry=reg),
-            latency=Histogram('mhist_request_seconds', 'HTTP request latency', ['route', 'model'], buckets=_BUCKETS, registry=reg),
-            infer=Histogram('mhist_inference_seconds', 'Model inference time per request', ['model'], buckets=_BUCKETS, registry=reg))
+            requests=Counter('mhist_requests', 'HTTP requests by route, model and status', ['route', 'model', 'status'],
+                             registry=reg),
+            latency=Histogram('mhist_request_seconds', 'HTTP request latency', ['route', 'model'], buckets=_BUCKETS,
+                              registry=reg),
+            infer=Histogram('mhist_inference_seconds', 'Model inference time per request', ['model'], buckets=_BUCKETS,
+                            registry=reg))
     return _METRICS
 
 # %% ../nbs/22_api.ipynb #b64b5033
@@ -195,18 +204,22 @@ def _predict_op(names:list, summary:str) -> dict:
     "POST /predict (and /invocations): images in, predictions per image and model out."
     model = _model_param(['both', 'all', *names] if names else [], "'both' (default), 'all', or a model name")
     ok = _answer('predictions per image and model', {'$ref': '#/components/schemas/Predictions'})
-    return {'post': {'summary': summary, 'parameters': [model], 'requestBody': _IMAGE_BODY, 'responses': {'200': ok, **_ERRORS}}}
+    return {'post': {'summary': summary, 'parameters': [model], 'requestBody': _IMAGE_BODY,
+                     'responses': {'200': ok, **_ERRORS}}}
 
 # %% ../nbs/22_api.ipynb #d3fa1153
 def _explain_op(names:list) -> dict:
     "POST /explain: one image and one model in, an occlusion map (JSON, or a PNG heat map) out."
     params = [_model_param(names, 'one model (default vit)'), _int_param('patch', 1, 224), _int_param('stride', 8, 224),
-              {'name': 'format', 'in': 'query', 'required': False, 'schema': {'type': 'string', 'enum': ['json', 'png']}}]
+              {'name': 'format', 'in': 'query', 'required': False,
+               'schema': {'type': 'string', 'enum': ['json', 'png']}}]
     ok = {'description': 'the map (JSON), or a heat map (PNG, format=png)', 'content': {
         'application/json': {'schema': {'$ref': '#/components/schemas/Explanation'}},
         'image/png': {'schema': {'type': 'string', 'format': 'binary'}}}}
-    return {'post': {'summary': 'Occlusion map of one tile for one model', 'parameters': params, 'requestBody': _IMAGE_BODY,
-                     'responses': {'200': ok, **_ERRORS, '503': _answer('the map would take longer than the time budget')}}}
+    return {'post': {'summary': 'Occlusion map of one tile for one model', 'parameters': params,
+                     'requestBody': _IMAGE_BODY,
+                     'responses': {'200': ok, **_ERRORS,
+                                   '503': _answer('the map would take longer than the time budget')}}}
 
 # %% ../nbs/22_api.ipynb #0681d41f
 def _get(desc:str, schema:dict, ctype:str='application/json', more:dict|None=None) -> dict:
@@ -225,13 +238,15 @@ _INFO_PATHS = {
 
 # %% ../nbs/22_api.ipynb #e21e7b20
 _SCHEMAS = {
-    'Error': {**_obj(error=_STR, detail=_STR), 'properties': {'error': _STR, 'detail': _STR, 'request_id': {'type': 'string', 'nullable': True}}},
-    'Prediction': _obj(label={'type': 'string', 'enum': list(CLASS_NAMES)}, p_ssa={'type': 'number', 'minimum': 0, 'maximum': 1},
+    'Error': {**_obj(error=_STR, detail=_STR),
+              'properties': {'error': _STR, 'detail': _STR, 'request_id': {'type': 'string', 'nullable': True}}},
+    'Prediction': _obj(label={'type': 'string', 'enum': list(CLASS_NAMES)},
+                       p_ssa={'type': 'number', 'minimum': 0, 'maximum': 1},
                        logit=_NUM, threshold=_NUM, threshold_rule=_STR, model=_STR, version=_STR,
                        timings_ms=_obj(decode=_NUM, preprocess=_NUM, infer=_NUM)),
     'Explanation': _obj(request_id=_STR, model=_STR, label=_STR, p_ssa=_NUM, threshold=_NUM, patch=_INT, stride=_INT,
-                        shape={'type': 'array', 'items': _INT}, map={'type': 'array', 'items': {'type': 'array', 'items': _NUM}},
-                        seconds=_NUM),
+                        shape={'type': 'array', 'items': _INT},
+                        map={'type': 'array', 'items': {'type': 'array', 'items': _NUM}}, seconds=_NUM),
     'Predictions': _obj(request_id=_STR, models={'type': 'array', 'items': _STR}, results={'type': 'array', 'items': {
         'type': 'object', 'required': ['index', 'predictions'], 'properties': {
             'index': _INT, 'filename': {'type': 'string', 'nullable': True},
@@ -242,7 +257,8 @@ def openapi(pred:Predictor|None=None) -> dict:
     "The OpenAPI 3 document of the API (model names from `pred` when given)."
     names = list(pred.models) if pred else []
     info = {'title': 'mhist_nb', 'version': '1', 'description':
-            'HP vs SSA on 224x224 H&E tiles; p_ssa is always P(SSA); each model calls SSA at its own manifest threshold.'}
+            'HP vs SSA on 224x224 H&E tiles; p_ssa is always P(SSA); '
+            'each model calls SSA at its own manifest threshold.'}
     paths = {'/predict': _predict_op(names, 'Classify tiles'), '/explain': _explain_op(names),
              '/invocations': _predict_op(names, 'SageMaker inference (same as /predict)'), **_INFO_PATHS}
     return {'openapi': '3.0.3', 'info': info, 'paths': paths, 'components': {'schemas': _SCHEMAS}}
@@ -287,8 +303,9 @@ def _add_hooks(app:Flask, pred:Predictor, cfg:ServeConfig):
         _cors(resp.headers, request.headers.get('Origin'), cfg.allowed_origins)
         m['requests'].labels(route, model, str(resp.status_code)).inc()
         m['latency'].labels(route, model).observe(dt)
-        log.info(json.dumps(dict(request_id=getattr(g, 'rid', None), method=request.method, route=route, path=request.path,
-                                 model=model, status=resp.status_code, latency_ms=round(dt * 1e3, 2))))
+        log.info(json.dumps(dict(request_id=getattr(g, 'rid', None), method=request.method, route=route,
+                                 path=request.path, model=model, status=resp.status_code,
+                                 latency_ms=round(dt * 1e3, 2))))
         return resp
 
 # %% ../nbs/22_api.ipynb #e67678dd
@@ -306,7 +323,8 @@ def _add_error_handlers(app:Flask, cfg:ServeConfig):
     @app.errorhandler(Exception)
     def _fault(e):
         log.exception(json.dumps(dict(request_id=getattr(g, 'rid', None), route=request.path, error=type(e).__name__)))
-        return _error(500, 'internal error', f'an unexpected error; quote request id {getattr(g, "rid", None)} when reporting it')
+        return _error(500, 'internal error',
+                      f'an unexpected error; quote request id {getattr(g, "rid", None)} when reporting it')
 
 # %% ../nbs/22_api.ipynb #84422603
 def _add_info_routes(app:Flask, pred:Predictor):
@@ -339,7 +357,8 @@ def _add_image_routes(app:Flask, pred:Predictor, cfg:ServeConfig):
 
 # %% ../nbs/22_api.ipynb #74858f0f
 def create_app(config:ServeConfig|None=None, predictor:Predictor|None=None) -> Flask:
-    "The WSGI app: /predict, /explain, /health, /ready, /models, /openapi.json, /metrics, SageMaker's /ping and /invocations."
+    ("The WSGI app: /predict, /explain, /health, /ready, /models, "
+     "/openapi.json, /metrics, SageMaker's /ping and /invocations.")
     cfg = config or ServeConfig.from_env()
     pred = _load_predictor(cfg) if predictor is None else predictor
     _setup_log()
@@ -361,7 +380,8 @@ def _names(pred:Predictor, which:str) -> list[str]:
 def _bad_image(e:ImageError, filenames:list) -> APIError:
     "The APIError for the ImageError `e` of image `e.index` (0 when unknown) of a request with `filenames`."
     i = getattr(e, 'index', 0)
-    return APIError(e.status, 'bad image', f'image {i}' + (f' ({filenames[i]})' if filenames[i] else '') + f': {e.detail}')
+    return APIError(e.status, 'bad image',
+                    f'image {i}' + (f' ({filenames[i]})' if filenames[i] else '') + f': {e.detail}')
 
 # %% ../nbs/22_api.ipynb #0d8693b8
 def _predict_route(pred:Predictor, cfg:ServeConfig):
@@ -371,7 +391,8 @@ def _predict_route(pred:Predictor, cfg:ServeConfig):
     names = _names(pred, which)
     images, filenames = request_images(request)
     if len(images) > cfg.max_batch:
-        raise APIError(413, 'too many images', f'{len(images)} images in one request; the limit is {cfg.max_batch} (MHIST_MAX_BATCH)')
+        raise APIError(413, 'too many images',
+                       f'{len(images)} images in one request; the limit is {cfg.max_batch} (MHIST_MAX_BATCH)')
     try: res = pred.predict(images, names)
     except ImageError as e: raise _bad_image(e, filenames) from None
     m = _metrics()
@@ -391,13 +412,16 @@ def heatmap_png(m, size:int=224) -> bytes:
 
 # %% ../nbs/22_api.ipynb #99f32e85
 def _explain_args(pred:Predictor, args) -> tuple:
-    "Model (None: the default), patch, stride and format of an /explain query, or a 400/404 APIError saying what is wrong."
+    ("Model (None: the default), patch, stride and format of an "
+     "/explain query, or a 400/404 APIError saying what is wrong.")
     which = args.get('model') or None
-    if which in ('both', 'all'): raise APIError(400, 'one model', 'an explanation is for one model: ?model=vit, ?model=mlp, ...')
+    if which in ('both', 'all'):
+        raise APIError(400, 'one model', 'an explanation is for one model: ?model=vit, ?model=mlp, ...')
     if which is not None and which not in pred.models:
         raise APIError(404, 'unknown model', f'unknown model {which!r}; available: {list(pred.models)}')
     try: patch, stride = int(args.get('patch', 32)), int(args.get('stride', 32))
-    except ValueError: raise APIError(400, 'bad parameter', 'patch and stride must be whole numbers of pixels') from None
+    except ValueError:
+        raise APIError(400, 'bad parameter', 'patch and stride must be whole numbers of pixels') from None
     if stride < 8: raise APIError(400, 'bad parameter', f'stride must be at least 8 pixels, got {stride}')
     fmt = args.get('format', 'json')
     if fmt not in ('json', 'png'): raise APIError(400, 'bad parameter', f"format must be json or png, got {fmt!r}")
@@ -412,9 +436,11 @@ def _explain_route(pred:Predictor, cfg:ServeConfig):
     if len(images) != 1: raise APIError(400, 'one image', f'send exactly one image to /explain, got {len(images)}')
     try: e = pred.explain(images[0], which, patch, stride, budget_s=cfg.explain_budget_s)
     except ImageError as x: raise APIError(x.status, 'bad image', x.detail) from None
-    except ExplainTimeout as x: raise APIError(503, 'explanation took too long', f'{x} (MHIST_EXPLAIN_BUDGET_S)') from None
+    except ExplainTimeout as x:
+        raise APIError(503, 'explanation took too long', f'{x} (MHIST_EXPLAIN_BUDGET_S)') from None
     except ValueError as x: raise APIError(400, 'bad parameter', str(x)) from None
-    if fmt == 'png': return Response(heatmap_png(e['map'], pred.models[e['model']][0]['input']['shape'][2]), mimetype='image/png')
+    if fmt == 'png':
+        return Response(heatmap_png(e['map'], pred.models[e['model']][0]['input']['shape'][2]), mimetype='image/png')
     return jsonify(request_id=g.rid, model=e['model'], label=e['label'], p_ssa=e['p_ssa'], threshold=e['threshold'],
                    patch=e['patch'], stride=e['stride'], shape=list(e['map'].shape), map=e['map'].round(6).tolist(),
                    seconds=e['seconds'])
@@ -438,5 +464,6 @@ def predict_fn(images:list[bytes], model:Predictor) -> list[dict]:
 # %% ../nbs/22_api.ipynb #6caec1d2
 def output_fn(prediction:list[dict], accept:str='application/json') -> str:
     "SageMaker: the predictions as JSON."
-    if accept not in ('application/json', '*/*', None): raise APIError(415, 'unsupported accept type', f'{accept}; use application/json')
+    if accept not in ('application/json', '*/*', None):
+        raise APIError(415, 'unsupported accept type', f'{accept}; use application/json')
     return json.dumps(dict(results=[dict(index=i, predictions=p) for i, p in enumerate(prediction)]))

@@ -72,9 +72,11 @@ ANNOTATION_COLUMNS = {'Image Name': 'name', 'Majority Vote Label': 'label',
                       'Number of Annotators who Selected SSA (Out of 7)': 'votes', 'Partition': 'partition'}
 
 def read_annotations(data_dir) -> pd.DataFrame:
-    "`annotations.csv` of an MHIST-layout folder as columns name, label, votes, partition; an AppError says what is wrong."
+    ("`annotations.csv` of an MHIST-layout folder as columns name, "
+     "label, votes, partition; an AppError says what is wrong.")
     f = Path(data_dir)/'annotations.csv'
-    if not f.is_file(): raise AppError(f'no annotations.csv in {data_dir}: point the page at an MHIST folder (MHIST_DATA_DIR)')
+    if not f.is_file():
+        raise AppError(f'no annotations.csv in {data_dir}: point the page at an MHIST folder (MHIST_DATA_DIR)')
     try: t = pd.read_csv(f)
     except Exception as e: raise AppError(f'{f} is not a readable CSV ({type(e).__name__}: {e})') from None
     missing = [c for c in ANNOTATION_COLUMNS if c not in t.columns]
@@ -119,7 +121,8 @@ def read_rgb(data:bytes, name:str='the file') -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im: return np.asarray(im.convert('RGB'))
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise AppError(f'{name} is not an image that can be read ({type(e).__name__}); upload a PNG, JPEG or TIFF tile') from None
+        raise AppError(f'{name} is not an image that can be read ({type(e).__name__}); '
+                       'upload a PNG, JPEG or TIFF tile') from None
 
 # %% ../nbs/21_app.ipynb #a96a4644
 def outcome(call:str, truth:str|None, positive:str='SSA') -> str|None:
@@ -142,8 +145,10 @@ def _api_answer(r:requests.Response, path:str, who) -> dict:
     try: body = r.json()
     except ValueError: body = None
     if r.ok and isinstance(body, dict): return body
-    if isinstance(body, dict) and 'error' in body: raise AppError(f"{who} answered {r.status_code} ({body['error']}): {body.get('detail')}")
-    raise AppError(f"{who} answered {path} with HTTP {r.status_code} and {r.headers.get('Content-Type')}, not the JSON it should")
+    if isinstance(body, dict) and 'error' in body:
+        raise AppError(f"{who} answered {r.status_code} ({body['error']}): {body.get('detail')}")
+    raise AppError(f"{who} answered {path} with HTTP {r.status_code} and "
+                   f"{r.headers.get('Content-Type')}, not the JSON it should")
 
 # %% ../nbs/21_app.ipynb #d8bfdf30
 def _files(tile:Tile) -> dict: return dict(file=(tile.name, tile.data, _mimetype(tile.name)))
@@ -157,7 +162,8 @@ class ApiClient:
     def call(self, method:str, path:str, **kw) -> dict:
         "One request: its JSON answer, or an AppError (unreachable, too slow, not JSON, or the API's error and detail)."
         try: r = requests.request(method, self.url + path, timeout=self.timeout, **kw)
-        except requests.Timeout: raise AppError(f'{self} did not answer {path} within {self.timeout:g} s (MHIST_API_TIMEOUT)') from None
+        except requests.Timeout:
+            raise AppError(f'{self} did not answer {path} within {self.timeout:g} s (MHIST_API_TIMEOUT)') from None
         except requests.RequestException as e:
             raise AppError(f'cannot reach {self} ({type(e).__name__}): is it running? (MHIST_API_URL)') from None
         return _api_answer(r, path, self)
@@ -218,7 +224,8 @@ def make_client(s:Settings) -> ApiClient|LocalClient:
 
 # %% ../nbs/21_app.ipynb #dce00420
 def pixel_map(m, patch:int, stride:int, size:int) -> np.ndarray:
-    "An occlusion map (rows, cols) over `size` x `size` pixels: each pixel the mean of the patches covering it, 0 where none do."
+    ("An occlusion map (rows, cols) over `size` x `size` pixels: each "
+     "pixel the mean of the patches covering it, 0 where none do.")
     m = np.asarray(m, np.float32)
     total, count = np.zeros((size, size), np.float32), np.zeros((size, size), np.float32)
     for i, j in np.ndindex(m.shape):
@@ -227,10 +234,12 @@ def pixel_map(m, patch:int, stride:int, size:int) -> np.ndarray:
     return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 # %% ../nbs/21_app.ipynb #5bc2b349
-SSA_RGB, HP_RGB = (214, 39, 40), (31, 119, 180)      # evidence for SSA in red, for HP in blue (also the charts' colours)
+# evidence for SSA in red, for HP in blue (also the charts' colours)
+SSA_RGB, HP_RGB = (214, 39, 40), (31, 119, 180)
 
 def overlay(tile, pix, opacity:float=0.6) -> np.ndarray:
-    "`tile` (H, W, 3) uint8 with `pix` blended over it: red where > 0, blue where < 0, alpha = opacity x |pix| / max|pix|."
+    ("`tile` (H, W, 3) uint8 with `pix` blended over it: red where "
+     "> 0, blue where < 0, alpha = opacity x |pix| / max|pix|.")
     t, pix = np.asarray(tile, np.float32), np.asarray(pix, np.float32)
     scale = float(np.abs(pix).max())
     if not scale or not opacity: return np.asarray(tile, np.uint8).copy()
@@ -250,8 +259,10 @@ def p_chart(p:float, threshold:float) -> dict:
                   scale=dict(domain=list(CLASS_NAMES), range=['#%02x%02x%02x' % HP_RGB, '#%02x%02x%02x' % SSA_RGB]))
     return {'height': 50, 'data': {'values': [dict(p=p, threshold=threshold, call=call)]}, 'layer': [
         {'mark': {'type': 'bar', 'height': 16}, 'encoding': {'x': _x('p', 'P(SSA)'), 'color': colour}},
-        {'mark': {'type': 'rule', 'strokeDash': [4, 3], 'size': 2, 'color': 'black'}, 'encoding': {'x': _x('threshold')}},
-        {'mark': {'type': 'text', 'dy': -16}, 'encoding': {'x': _x('threshold'), 'text': {'value': f'threshold {threshold:.3f}'}}}]}
+        {'mark': {'type': 'rule', 'strokeDash': [4, 3], 'size': 2, 'color': 'black'},
+         'encoding': {'x': _x('threshold')}},
+        {'mark': {'type': 'text', 'dy': -16},
+         'encoding': {'x': _x('threshold'), 'text': {'value': f'threshold {threshold:.3f}'}}}]}
 
 # %% ../nbs/21_app.ipynb #ae835f8d
 def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +289,8 @@ def operating_threshold(reports, family:str) -> tuple[float, str]:
     for f in (Path(reports)/f'threshold_{family}.json', Path(reports)/f'manifest_{family}.json'):
         try: d = json.loads(f.read_text())
         except (OSError, ValueError): continue
-        if isinstance(d, dict) and 'threshold' in d: return float(d['threshold']), str(d.get('rule') or d.get('threshold_rule'))
+        if isinstance(d, dict) and 'threshold' in d:
+            return float(d['threshold']), str(d.get('rule') or d.get('threshold_rule'))
     return 0.5, 'fixed'
 
 # %% ../nbs/21_app.ipynb #76522e19
@@ -290,29 +302,33 @@ def roc_tables(reports, families=('mlp', 'vit')) -> tuple[pd.DataFrame, pd.DataF
         if not f.is_file(): continue
         d = pd.read_csv(f); fpr, tpr = roc_curve(d.y, d.p); thr, rule = operating_threshold(reports, fam)
         curves.append(pd.DataFrame(dict(family=fam, fpr=fpr, tpr=tpr)))
-        points.append(dict(family=fam, rule=rule, threshold=round(thr, 4), **dict(zip(('fpr', 'tpr'), operating_point(d.y, d.p, thr))),
-                           auc=round(auc(fpr, tpr), 4)))
-    return (pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=['family', 'fpr', 'tpr'])), pd.DataFrame(points)
+        points.append(dict(family=fam, rule=rule, threshold=round(thr, 4),
+                           **dict(zip(('fpr', 'tpr'), operating_point(d.y, d.p, thr))), auc=round(auc(fpr, tpr), 4)))
+    return (pd.concat(curves, ignore_index=True) if curves
+            else pd.DataFrame(columns=['family', 'fpr', 'tpr'])), pd.DataFrame(points)
 
 # %% ../nbs/21_app.ipynb #7576d84e
 def roc_chart(curves:pd.DataFrame, points:pd.DataFrame) -> dict:
-    "Vega-Lite: each family's ROC curve with its operating point (labelled with threshold and rule), and the chance diagonal."
+    ("Vega-Lite: each family's ROC curve with its operating point "
+     "(labelled with threshold and rule), and the chance diagonal.")
     ax = lambda f, t: dict(field=f, type='quantitative', scale=dict(domain=[0, 1]), title=t)
     x, y = ax('fpr', 'false-positive rate (1 − specificity)'), ax('tpr', 'true-positive rate (sensitivity)')
     colour = dict(field='family', type='nominal', title='model', scale=dict(scheme='category10'))
     tip = [dict(field=k, type='nominal' if k in ('family', 'rule') else 'quantitative') for k in points.columns]
     pts = [dict(r, label=f"{r['family']} at {r['threshold']:g} ({r['rule']})") for r in points.to_dict('records')]
     return {'width': 420, 'height': 420, 'layer': [
-        {'data': {'values': [dict(fpr=0, tpr=0), dict(fpr=1, tpr=1)]}, 'mark': {'type': 'line', 'strokeDash': [4, 4], 'color': 'grey'},
-         'encoding': dict(x=x, y=y)},
+        {'data': {'values': [dict(fpr=0, tpr=0), dict(fpr=1, tpr=1)]},
+         'mark': {'type': 'line', 'strokeDash': [4, 4], 'color': 'grey'}, 'encoding': dict(x=x, y=y)},
         {'data': {'values': curves.to_dict('records')}, 'mark': 'line', 'encoding': dict(x=x, y=y, color=colour)},
-        {'data': {'values': pts}, 'mark': {'type': 'point', 'size': 160, 'filled': True, 'stroke': 'black', 'strokeWidth': 1.5},
+        {'data': {'values': pts},
+         'mark': {'type': 'point', 'size': 160, 'filled': True, 'stroke': 'black', 'strokeWidth': 1.5},
          'encoding': dict(x=x, y=y, color=colour, tooltip=tip)},
         {'data': {'values': pts}, 'mark': {'type': 'text', 'align': 'left', 'dx': 10, 'dy': 12},
          'encoding': dict(x=x, y=y, text=dict(field='label', type='nominal'))}]}
 
 # %% ../nbs/21_app.ipynb #960c95e6
-_PAIRED = re.compile(r'Paired difference AUC\((?P<a>[\w.]+)\) − AUC\((?P<b>[\w.]+)\) = \*\*(?P<estimate>[+-]?[\d.]+)\*\* '
+_PAIRED = re.compile(r'Paired difference AUC\((?P<a>[\w.]+)\) − '
+                     r'AUC\((?P<b>[\w.]+)\) = \*\*(?P<estimate>[+-]?[\d.]+)\*\* '
                      r'\[(?P<low>[+-]?[\d.]+), (?P<high>[+-]?[\d.]+)\], (?P<p>p [^:]+): (?P<verdict>[^\n]*?)\.?$', re.M)
 
 def paired_difference(summary:str) -> dict|None:
@@ -326,14 +342,17 @@ def diff_chart(d:dict) -> dict:
     "Vega-Lite: the paired AUC difference as a point with its interval, and a dashed rule at zero (no difference)."
     lo, hi = min(0., d['low']), max(0., d['high'])
     domain = [lo - 0.08 * (hi - lo or 1), hi + 0.08 * (hi - lo or 1)]          # zero always inside, with a margin
-    x = lambda f: dict(field=f, type='quantitative', scale=dict(domain=domain), title='difference in test ROC-AUC, 95% interval')
+    x = lambda f: dict(field=f, type='quantitative', scale=dict(domain=domain),
+                       title='difference in test ROC-AUC, 95% interval')
     y = dict(field='pair', type='nominal', title=None)
-    row = dict(d, zero=0., pair=f"AUC({d['a']}) − AUC({d['b']})", text=f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+    row = dict(d, zero=0., pair=f"AUC({d['a']}) − AUC({d['b']})",
+               text=f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
     layer = lambda mark, **enc: {'data': {'values': [row]}, 'mark': mark, 'encoding': enc}
     return {'layer': [layer({'type': 'rule', 'strokeDash': [4, 3], 'color': 'grey'}, x=x('zero')),
                       layer({'type': 'rule', 'size': 3}, x=x('low'), x2=dict(field='high'), y=y),
                       layer({'type': 'point', 'filled': True, 'size': 150}, x=x('estimate'), y=y),
-                      layer({'type': 'text', 'dy': -16}, x=x('estimate'), y=y, text=dict(field='text', type='nominal'))]}
+                      layer({'type': 'text', 'dy': -16}, x=x('estimate'), y=y,
+                            text=dict(field='text', type='nominal'))]}
 
 # %% ../nbs/21_app.ipynb #90326630
 EXPLORE_FIGURES = {'class_balance.png': 'Class balance per partition: SSA is the minority',
@@ -362,7 +381,8 @@ def summary_parts(reports) -> tuple[str, list[Path]]|None:
 @st.cache_resource(show_spinner='loading the models ...')
 def cached_client(api_url, model_dir, timeout, explain_budget_s) -> ApiClient|LocalClient:
     "One client per settings, kept across reruns and sessions."
-    return make_client(Settings(api_url=api_url, model_dir=model_dir, timeout=timeout, explain_budget_s=explain_budget_s))
+    return make_client(Settings(api_url=api_url, model_dir=model_dir, timeout=timeout,
+                                explain_budget_s=explain_budget_s))
 
 # %% ../nbs/21_app.ipynb #ac5781e0
 @st.cache_data(show_spinner=False)
@@ -392,14 +412,16 @@ def pick_controls(table:pd.DataFrame) -> tuple[str, object]:
     sb = st.sidebar
     how = sb.radio('Pick a tile', PICKS, horizontal=True, key='pick')
     if how == 'by class': return how, sb.radio('Class', CLASS_NAMES, horizontal=True, key='pick_class')
-    if how == 'by votes': return how, sb.select_slider('Annotators choosing SSA (of 7)', list(range(8)), value=4, key='pick_votes')
+    if how == 'by votes':
+        return how, sb.select_slider('Annotators choosing SSA (of 7)', list(range(8)), value=4, key='pick_votes')
     if how == 'by name': return how, sb.selectbox('Tile', table.name.tolist(), key='pick_name')
     return how, None
 
 # %% ../nbs/21_app.ipynb #b14dc39f
 def uploaded_tile(table:pd.DataFrame|None) -> Tile|None:
     "Sidebar: an uploaded tile, with its truth when the dataset's annotations know its name; None until there is one."
-    f = st.sidebar.file_uploader('A tile (PNG, JPEG or TIFF; 224 x 224)', type=['png', 'jpg', 'jpeg', 'tif', 'tiff'], key='upload')
+    f = st.sidebar.file_uploader('A tile (PNG, JPEG or TIFF; 224 x 224)', type=['png', 'jpg', 'jpeg', 'tif', 'tiff'],
+                                 key='upload')
     if f is None: st.info('Upload a tile in the sidebar.'); return None
     known = table[table.name == f.name] if table is not None else None
     if known is None or known.empty: return Tile(f.name, f.getvalue())
@@ -414,7 +436,8 @@ def chosen_tile(s:Settings) -> Tile|None:
     if source == 'upload': return uploaded_tile(table)
     if table is None: st.info('Choose a dataset folder in the sidebar (MHIST_DATA_DIR), or upload a tile.'); return None
     how, value = pick_controls(table)
-    if how != 'by name' and st.sidebar.button('Another tile', key='another'): st.session_state.seed = st.session_state.get('seed', 0) + 1
+    if how != 'by name' and st.sidebar.button('Another tile', key='another'):
+        st.session_state.seed = st.session_state.get('seed', 0) + 1
     try: return dataset_tile(data_dir, pick_tile(table, how, value, st.session_state.get('seed', 0)))
     except AppError as e: st.warning(str(e)); return None
 
@@ -447,7 +470,8 @@ def timing_line(q:dict, round_trip_ms:float, client) -> str:
     "Client round trip and the server's own decode, preprocess and inference times."
     t = q['timings_ms']
     where = 'round trip' if isinstance(client, ApiClient) else 'in-process call'
-    return f"{where} {round_trip_ms:.1f} ms · server: decode {t['decode']:.1f}, preprocess {t['preprocess']:.1f}, inference {t['infer']:.1f} ms"
+    return (f"{where} {round_trip_ms:.1f} ms · server: decode {t['decode']:.1f}, "
+            f"preprocess {t['preprocess']:.1f}, inference {t['infer']:.1f} ms")
 
 # %% ../nbs/21_app.ipynb #59ae1b37
 def explanation(client, tile:Tile, rgb:np.ndarray, name:str, controls:dict):
@@ -473,7 +497,8 @@ def model_card(client,                          # the ApiClient or LocalClient t
     "One model's answer: P(SSA) against its threshold, the call and its outcome, the timings, the occlusion map."
     st.subheader(name)
     st.caption(f"{q['model']} · version {q['version']} · threshold {q['threshold']:.3f} ({q['threshold_rule']})")
-    st.metric(f'P(SSA) · {name}', f"{q['p_ssa']:.4f}", f"{q['p_ssa'] - q['threshold']:+.4f} vs threshold", delta_color='off')
+    st.metric(f'P(SSA) · {name}', f"{q['p_ssa']:.4f}", f"{q['p_ssa'] - q['threshold']:+.4f} vs threshold",
+              delta_color='off')
     st.vega_lite_chart(p_chart(q['p_ssa'], q['threshold']), width='stretch')
     st.markdown(call_line(q, tile.truth))
     st.caption(timing_line(q, round_trip_ms, client))
@@ -498,11 +523,14 @@ def data_tab(reports):
     "The exploration figures of `02_explore` in `reports`."
     f = exploration_files(reports)
     if not f['figures'] and 'conclusion' not in f:
-        st.info(f'No exploration figures in {reports}: run `mhist explore --out-dir {reports}` or `make demo` (MHIST_REPORTS).'); return
+        st.info(f'No exploration figures in {reports}: run `mhist explore '
+                f'--out-dir {reports}` or `make demo` (MHIST_REPORTS).')
+        return
     if 'conclusion' in f: st.markdown(f['conclusion'].read_text())
     figures = list(f['figures'].items())
     for i in range(0, len(figures), 2):                   # two figures a row
-        for col, (path, caption) in zip(st.columns(2), figures[i:i + 2]): col.image(str(path), caption=caption, width='stretch')
+        for col, (path, caption) in zip(st.columns(2), figures[i:i + 2]):
+            col.image(str(path), caption=caption, width='stretch')
     if 'audit' in f: st.caption('File audit'); st.dataframe(pd.read_csv(f['audit']), hide_index=True)
 
 # %% ../nbs/21_app.ipynb #cc5d828b
@@ -516,7 +544,8 @@ def models_tab(client, reports):
             st.caption(f'Served by {client}; "both" means {", ".join(default)}')
             st.dataframe(pd.DataFrame(info).reindex(columns=keep), hide_index=True)
     curves, points = roc_tables(reports)
-    if points.empty: st.info(f'No test predictions in {reports} (predictions_<family>_test.csv): run the pipeline, e.g. `make demo`.')
+    if points.empty: st.info(f'No test predictions in {reports} (predictions_<family>_test.csv): '
+                             'run the pipeline, e.g. `make demo`.')
     else:
         st.subheader('ROC on test, with each operating point')
         st.vega_lite_chart(roc_chart(curves, points)); st.dataframe(points, hide_index=True)
@@ -532,7 +561,8 @@ def summary_section(reports):
     if d:
         st.subheader('Paired AUC difference')
         st.vega_lite_chart(diff_chart(d), width='stretch')
-        st.caption(f"AUC({d['a']}) − AUC({d['b']}) = {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], {d['p']}: {d['verdict']}")
+        st.caption(f"AUC({d['a']}) − AUC({d['b']}) = {d['estimate']:+.3f} "
+                   f"[{d['low']:+.3f}, {d['high']:+.3f}], {d['p']}: {d['verdict']}")
     with st.expander('The comparison (summary.md)', expanded=False):
         st.markdown(text)
         for p in images: st.image(str(p), width='content')
@@ -554,6 +584,7 @@ def main():
     with models: models_tab(client, s.reports)
 
 # %% ../nbs/21_app.ipynb #ccde7a7b
-if __name__ == '__main__' and st.runtime.exists():         # `streamlit run mhist_nb/app.py`, `mhist app`, AppTest; not Jupyter
+# `streamlit run mhist_nb/app.py`, `mhist app`, AppTest; not Jupyter
+if __name__ == '__main__' and st.runtime.exists():
     from mhist_nb.app import main as page                 # see below
     page()

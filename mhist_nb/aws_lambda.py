@@ -29,8 +29,10 @@ def _request_line(event:dict) -> tuple[str, str, str]:
     "The method, path and query string of an API Gateway event (payload 2.0 or 1.0)."
     if event.get('version') == '2.0':
         return event['requestContext']['http']['method'], event.get('rawPath') or '/', event.get('rawQueryString') or ''
-    mv = event.get('multiValueQueryStringParameters') or {k: [v] for k, v in (event.get('queryStringParameters') or {}).items()}
-    return event.get('httpMethod') or 'GET', event.get('path') or '/', urlencode([(k, v) for k, vs in mv.items() for v in vs])
+    mv = (event.get('multiValueQueryStringParameters')
+          or {k: [v] for k, v in (event.get('queryStringParameters') or {}).items()})
+    return (event.get('httpMethod') or 'GET', event.get('path') or '/',
+            urlencode([(k, v) for k, vs in mv.items() for v in vs]))
 
 # %% ../nbs/24_lambda.ipynb #7203f0d7
 def to_environ(event:dict) -> dict:

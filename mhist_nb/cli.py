@@ -49,7 +49,8 @@ def summarize(df) -> str:
     from mhist_nb.data import N_ANNOTATORS
     from mhist_nb.core import CLASS_NAMES
     neg, pos = CLASS_NAMES
-    tab = df.groupby(['partition', 'label']).size().unstack(fill_value=0).reindex(columns=list(CLASS_NAMES), fill_value=0)
+    tab = (df.groupby(['partition', 'label']).size().unstack(fill_value=0)
+           .reindex(columns=list(CLASS_NAMES), fill_value=0))
     lines = [f'{len(df)} tiles', f'{"partition":<10}{neg:>7}{pos:>7}{"total":>8}{"% " + pos:>8}']
     for part, r in tab.iterrows():
         tot = int(r.sum()); lines.append(f'{part:<10}{r[neg]:>7}{r[pos]:>7}{tot:>8}{100 * r[pos] / tot:>8.1f}')
@@ -103,7 +104,8 @@ def add_explore(sub):
 
 # %% ../nbs/39_cli.ipynb #c64c903b
 def parse_parameters(pairs) -> dict:
-    "`-p KEY VALUE` pairs as dotted overrides, each VALUE read as YAML (`3`, `true`, `[1, 2]`, `null`); typed by `load_params`."
+    ("`-p KEY VALUE` pairs as dotted overrides, each VALUE read as "
+     "YAML (`3`, `true`, `[1, 2]`, `null`); typed by `load_params`.")
     import yaml
     from mhist_nb.pipeline import ParamsError
     out, problems = {}, []
@@ -127,9 +129,10 @@ def cmd_run(args) -> int:
     "Run the pipeline of a parameter file."
     from mhist_nb.pipeline import run_pipeline, ParamsError, NotebookError
     from mhist_nb.mlflow_runs import TrackingUnavailable, tracking_uri, tracking_enabled
-    try: out = run_pipeline(args.params, name=args.name, reports=args.reports, overrides=parse_parameters(args.parameter),
-                            quiet=args.quiet)
-    except (ParamsError, NotebookError, TrackingUnavailable, FileNotFoundError, FileExistsError) as e: return _error(e, 1)
+    try: out = run_pipeline(args.params, name=args.name, reports=args.reports,
+                            overrides=parse_parameters(args.parameter), quiet=args.quiet)
+    except (ParamsError, NotebookError, TrackingUnavailable, FileNotFoundError, FileExistsError) as e:
+        return _error(e, 1)
     print(f'\nreports: {out} (executed notebooks and their HTML)')
     if tracking_enabled():
         uri = tracking_uri()
@@ -168,8 +171,10 @@ def add_sweep(sub):
     "Add the parser of `mhist sweep` to sub-parsers `sub`."
     w = sub.add_parser('sweep', help='run a hyper-parameter sweep', **_RAW, description=
                        'Run every configuration of a sweep file as a child MLflow run under one parent run (without\n'
-                       'MLflow when MHIST_TRACKING=off), then print the best configurations ranked by the sweep\'s rule;\n'
-                       'reports/NAME/sweep.csv keeps every trial. With method optuna the trials come from a study in a\n'
+                       'MLflow when MHIST_TRACKING=off), then print the '
+                       'best configurations ranked by the sweep\'s rule;\n'
+                       'reports/NAME/sweep.csv keeps every trial. With '
+                       'method optuna the trials come from a study in a\n'
                        'database that any number of `mhist sweep FILE --worker` processes share.',
                        epilog='example:\n  mhist sweep params/sweep_vit.yaml -p 11_train_vit.full_epochs 5 --top 3')
     w.add_argument('sweep', help='sweep file, e.g. params/sweep_vit.yaml')
@@ -177,26 +182,30 @@ def add_sweep(sub):
     w.add_argument('--name', help='report folder (default: the file\'s name key)')
     w.add_argument('--reports', default='reports', help='reports root (default reports)')
     w.add_argument('--top', type=int, help="rows of the ranking to print (default: the file's top, else all)")
-    w.add_argument('--worker', action='store_true', help='method optuna: join the study that `mhist sweep FILE` started\n'
+    w.add_argument('--worker', action='store_true',
+                   help='method optuna: join the study that `mhist sweep FILE` started\n'
                    '(on this or another machine; same file, same storage)')
     w.add_argument('--quiet', action='store_true', help='no progress output')
     w.set_defaults(func=cmd_sweep)
 
 # %% ../nbs/39_cli.ipynb #8bff211f
 def _serve_config(args) -> tuple:
-    "The server's settings (flags over MHIST_* variables) and the names of the models it would serve; ModelError or ValueError if none."
+    ("The server's settings (flags over MHIST_* variables) and the names "
+     "of the models it would serve; ModelError or ValueError if none.")
     from mhist_nb.api import ServeConfig
     from mhist_nb.serve import Predictor, ModelError
-    cfg = ServeConfig.from_env(model_dir=args.models, threads=args.threads, resize=args.resize, max_batch=args.max_batch,
-                               max_body_mb=args.max_body_mb)
-    if not cfg.model_dir: raise ModelError('no model folder: pass --models DIR (e.g. reports/demo) or set MHIST_MODEL_DIR')
+    cfg = ServeConfig.from_env(model_dir=args.models, threads=args.threads, resize=args.resize,
+                               max_batch=args.max_batch, max_body_mb=args.max_body_mb)
+    if not cfg.model_dir:
+        raise ModelError('no model folder: pass --models DIR (e.g. reports/demo) or set MHIST_MODEL_DIR')
     return cfg, list(Predictor(cfg.model_dir, threads=1, resize=cfg.resize).models)
 
 # %% ../nbs/39_cli.ipynb #3e0adafe
 def _serve_env(cfg, args) -> dict:
     "The environment of the gunicorn process: the settings as the MHIST_* variables `23_gunicorn` reads."
     env = dict(os.environ, MHIST_MODEL_DIR=str(Path(cfg.model_dir).resolve()), MHIST_RESIZE=cfg.resize,
-               MHIST_MAX_BATCH=str(cfg.max_batch), MHIST_MAX_BODY_MB=str(cfg.max_body_mb), MHIST_BIND=f'{args.host}:{args.port}')
+               MHIST_MAX_BATCH=str(cfg.max_batch), MHIST_MAX_BODY_MB=str(cfg.max_body_mb),
+               MHIST_BIND=f'{args.host}:{args.port}')
     if cfg.threads: env['MHIST_THREADS'] = str(cfg.threads)
     if args.workers: env['MHIST_WORKERS'] = str(args.workers)
     return env
@@ -210,7 +219,8 @@ def cmd_serve(args) -> int:
     url = f'http://{args.host}:{args.port}'
     print(f'serving {", ".join(names)} from {cfg.model_dir} at {url}  (GET /models, /openapi.json; POST /predict)\n'
           f'  curl -s -F file=@tile.png {url}/predict', flush=True)
-    os.execve(sys.executable, [sys.executable, '-m', 'gunicorn', '-c', 'python:mhist_nb.gunicorn_conf', 'mhist_nb.api:create_app()'],
+    os.execve(sys.executable,
+              [sys.executable, '-m', 'gunicorn', '-c', 'python:mhist_nb.gunicorn_conf', 'mhist_nb.api:create_app()'],
               _serve_env(cfg, args))
 
 # %% ../nbs/39_cli.ipynb #c319ef8b
@@ -219,25 +229,35 @@ MODELS_HELP = 'folder of manifest_*.json and ONNX files, e.g. reports/demo (defa
 def add_serve(sub):
     "Add the parser of `mhist serve` to sub-parsers `sub`."
     v = sub.add_parser('serve', help='serve the ONNX models of a folder over HTTP', **_RAW, description=
-                       'Check the models of DIR (sha256, ONNX Runtime load), then run the HTTP API under gunicorn: POST /predict, /explain,\n'
-                       'GET /health /ready /models /openapi.json /metrics, SageMaker\'s /ping and /invocations. Flags override\n'
+                       'Check the models of DIR (sha256, ONNX Runtime load), then '
+                       'run the HTTP API under gunicorn: POST /predict, /explain,\n'
+                       'GET /health /ready /models /openapi.json /metrics, '
+                       'SageMaker\'s /ping and /invocations. Flags override\n'
                        'the MHIST_* environment variables. No PyTorch is loaded.',
-                       epilog='example:\n  mhist serve --models reports/demo --port 8000\n  curl -s -F file=@tile.png http://127.0.0.1:8000/predict')
+                       epilog='example:\n  mhist serve --models reports/demo --port 8000\n  '
+                              'curl -s -F file=@tile.png http://127.0.0.1:8000/predict')
     v.add_argument('--models', default=os.environ.get('MHIST_MODEL_DIR'), help=MODELS_HELP)
     v.add_argument('--host', default='127.0.0.1', help='interface to bind (default 127.0.0.1; 0.0.0.0 to expose it)')
     v.add_argument('--port', type=int, default=8000, help='port (default 8000)')
-    v.add_argument('--workers', type=int, help='gunicorn worker processes, each with its own copy of the models (default: $MHIST_WORKERS, else 2)')
-    v.add_argument('--threads', type=int, help='ONNX Runtime threads per model and worker (default: $MHIST_THREADS, else the cores shared among the workers)')
-    v.add_argument('--resize', choices=('reject', 'center-crop', 'resize'), help='input that is not 224x224 (default reject)')
+    v.add_argument('--workers', type=int,
+                   help='gunicorn worker processes, each with its own copy '
+                        'of the models (default: $MHIST_WORKERS, else 2)')
+    v.add_argument('--threads', type=int,
+                   help='ONNX Runtime threads per model and worker (default: '
+                        '$MHIST_THREADS, else the cores shared among the workers)')
+    v.add_argument('--resize', choices=('reject', 'center-crop', 'resize'),
+                   help='input that is not 224x224 (default reject)')
     v.add_argument('--max-batch', type=int, help='most images per request (default 32)')
     v.add_argument('--max-body-mb', type=float, help='largest request body in MB (default 10)')
     v.set_defaults(func=cmd_serve)
 
 # %% ../nbs/39_cli.ipynb #f3096b53
 def _load_predictor(args) -> tuple:
-    "The Predictor of `--models` and the names of the models `--model` asks for; ModelError, ValueError or KeyError if it cannot be."
+    ("The Predictor of `--models` and the names of the models `--model` "
+     "asks for; ModelError, ValueError or KeyError if it cannot be.")
     from mhist_nb.serve import Predictor, ModelError
-    if not args.models: raise ModelError('no model folder: pass --models DIR (e.g. reports/demo) or set MHIST_MODEL_DIR')
+    if not args.models:
+        raise ModelError('no model folder: pass --models DIR (e.g. reports/demo) or set MHIST_MODEL_DIR')
     pred = Predictor(args.models, threads=args.threads, resize=args.resize)
     return pred, pred.names(args.model)
 
@@ -248,7 +268,8 @@ def predict_files(pred, files, names) -> list[dict]:
     out = []
     for f in files:
         try: out.append(dict(file=str(f), predictions=pred.predict([Path(f).read_bytes()], names)[0]))
-        except (OSError, ImageError) as e: out.append(dict(file=str(f), error=getattr(e, 'detail', None) or f'{type(e).__name__}: {e}'))
+        except (OSError, ImageError) as e:
+            out.append(dict(file=str(f), error=getattr(e, 'detail', None) or f'{type(e).__name__}: {e}'))
     return out
 
 # %% ../nbs/39_cli.ipynb #a0d9d890
@@ -279,34 +300,41 @@ def cmd_predict(args) -> int:
 def add_predict(sub):
     "Add the parser of `mhist predict` to sub-parsers `sub`."
     q = sub.add_parser('predict', help='classify image files with the models of a folder', **_RAW, description=
-                       'Classify PNG/JPEG/TIFF tiles with each model\'s own manifest threshold; print a table, or JSON with --json.\n'
-                       'Exit 0 when every file was classified, 1 when some could not be, 2 when the models cannot be loaded.',
+                       'Classify PNG/JPEG/TIFF tiles with each model\'s own '
+                       'manifest threshold; print a table, or JSON with --json.\n'
+                       'Exit 0 when every file was classified, 1 when some '
+                       'could not be, 2 when the models cannot be loaded.',
                        epilog='example:\n  mhist predict --models reports/demo data/synth/images/MHIST_aab.png --json')
     q.add_argument('images', nargs='+', help='image files')
     q.add_argument('--models', default=os.environ.get('MHIST_MODEL_DIR'), help=MODELS_HELP)
-    q.add_argument('--model', default='both', help="'both' (the fp32 models, default), 'all', or a model name such as vit.int8")
+    q.add_argument('--model', default='both',
+                   help="'both' (the fp32 models, default), 'all', or a model name such as vit.int8")
     q.add_argument('--json', action='store_true', help='JSON output')
     q.add_argument('--threads', type=int, help='ONNX Runtime threads per model')
-    q.add_argument('--resize', choices=('reject', 'center-crop', 'resize'), default='reject', help='input that is not 224x224 (default reject)')
+    q.add_argument('--resize', choices=('reject', 'center-crop', 'resize'), default='reject',
+                   help='input that is not 224x224 (default reject)')
     q.set_defaults(func=cmd_predict)
 
 # %% ../nbs/39_cli.ipynb #6f34f6ae
 APP_FOLDERS = (('reports', 'MHIST_REPORTS'), ('models', 'MHIST_MODEL_DIR'), ('data_dir', 'MHIST_DATA_DIR'))
 
 def app_env(args) -> dict:
-    "The page's environment: this one, with the folder flags (which must exist) and `--api` (an http(s) URL) as MHIST_* variables."
+    ("The page's environment: this one, with the folder flags (which "
+     "must exist) and `--api` (an http(s) URL) as MHIST_* variables.")
     env = dict(os.environ)
     for flag, var in APP_FOLDERS:
         v = getattr(args, flag)
         if v and not Path(v).is_dir(): raise FileNotFoundError(f'--{flag.replace("_", "-")} {v}: no such folder')
         if v: env[var] = str(Path(v).resolve())
-    if args.api and not args.api.startswith(('http://', 'https://')): raise ValueError(f'--api {args.api}: not an http(s) URL')
+    if args.api and not args.api.startswith(('http://', 'https://')):
+        raise ValueError(f'--api {args.api}: not an http(s) URL')
     if args.api: env['MHIST_API_URL'] = args.api
     return env
 
 # %% ../nbs/39_cli.ipynb #30116e22
 def app_command(args) -> tuple[list[str], dict]:
-    "The `streamlit run` command line of the page (mhist_nb/app.py) and its environment, the flags as MHIST_* variables."
+    ("The `streamlit run` command line of the page (mhist_nb/app.py) "
+     "and its environment, the flags as MHIST_* variables.")
     env = app_env(args)
     argv = [sys.executable, '-m', 'streamlit', 'run', find_spec('mhist_nb.app').origin, '--server.headless', 'true',
             '--server.address', args.host, '--server.port', str(args.port), '--browser.gatherUsageStats', 'false',
@@ -319,22 +347,30 @@ def cmd_app(args) -> int:
     if find_spec('streamlit') is None: return _error("streamlit is not installed: pip install 'mhist_nb[app]'", 2)
     try: argv, env = app_command(args)
     except (FileNotFoundError, ValueError) as e: return _error(e, 2)
-    print(f'the MHIST page at http://{args.host}:{args.port}  (predictions from {env.get("MHIST_API_URL") or "the models, in process"})', flush=True)
+    print(f'the MHIST page at http://{args.host}:{args.port}  (predictions from '
+          f'{env.get("MHIST_API_URL") or "the models, in process"})', flush=True)
     os.execve(sys.executable, argv, env)
 
 # %% ../nbs/39_cli.ipynb #6a04a9cb
 def add_app(sub):
     "Add the parser of `mhist app` to sub-parsers `sub`."
-    a = sub.add_parser('app', help='the Streamlit page: tiles, both models, occlusion maps, figures', **_RAW, description=
-                       'Start the Streamlit page (mhist_nb/app.py): pick a tile from a dataset folder or upload one, see each\n'
-                       "model's P(SSA) against its threshold, the call, the timings and an occlusion map; the study's figures.\n"
+    a = sub.add_parser('app', help='the Streamlit page: tiles, both models, occlusion maps, figures', **_RAW,
+                       description=
+                       'Start the Streamlit page (mhist_nb/app.py): pick a '
+                       'tile from a dataset folder or upload one, see each\n'
+                       "model's P(SSA) against its threshold, the call, the "
+                       "timings and an occlusion map; the study's figures.\n"
                        'With --api it asks the HTTP API, otherwise it loads the models itself. No PyTorch is loaded.',
                        epilog='examples:\n  mhist app                                  # in process, on reports/demo\n'
                               '  mhist app --api http://127.0.0.1:8000 --port 8501')
-    a.add_argument('--reports', help='reports folder: figures, comparison, predictions (default: $MHIST_REPORTS, else reports/demo)')
-    a.add_argument('--models', help='models for in-process predictions (default: $MHIST_MODEL_DIR, else the reports folder)')
-    a.add_argument('--api', help='URL of the HTTP API, e.g. http://127.0.0.1:8000 (default: $MHIST_API_URL; unset: in process)')
-    a.add_argument('--data-dir', help="MHIST-layout folder to pick tiles from (default: $MHIST_DATA_DIR, else the runs' data_dir)")
+    a.add_argument('--reports',
+                   help='reports folder: figures, comparison, predictions (default: $MHIST_REPORTS, else reports/demo)')
+    a.add_argument('--models',
+                   help='models for in-process predictions (default: $MHIST_MODEL_DIR, else the reports folder)')
+    a.add_argument('--api',
+                   help='URL of the HTTP API, e.g. http://127.0.0.1:8000 (default: $MHIST_API_URL; unset: in process)')
+    a.add_argument('--data-dir',
+                   help="MHIST-layout folder to pick tiles from (default: $MHIST_DATA_DIR, else the runs' data_dir)")
     a.add_argument('--host', default='127.0.0.1', help='interface to bind (default 127.0.0.1; 0.0.0.0 to expose it)')
     a.add_argument('--port', type=int, default=8501, help='port (default 8501)')
     a.set_defaults(func=cmd_app)

@@ -60,13 +60,15 @@ def _row_problems(i:int, name:str, label:str, part:str, votes:str, v:float) -> l
     "Problems of row `i` of the table; `votes` is the vote count as written, `v` as a number (NaN if it is none)."
     where, out = f'annotations.csv line {i+2} ({name or "<empty name>"})', []
     if not name: out.append(f'{where}: empty image name')
-    elif Path(name).name != name or name in ('.', '..'): out.append(f'{where}: image name must be a plain file name inside images/')
+    elif Path(name).name != name or name in ('.', '..'):
+        out.append(f'{where}: image name must be a plain file name inside images/')
     if label not in CLASS_NAMES: out.append(f'{where}: unknown label {label!r} (expected one of {list(CLASS_NAMES)})')
     if part not in PARTITIONS: out.append(f'{where}: unknown partition {part!r} (expected one of {list(PARTITIONS)})')
     if pd.isna(v) or v != int(v) or not 0 <= v <= N_ANNOTATORS:
         out.append(f'{where}: vote count {votes!r} is not an integer from 0 to {N_ANNOTATORS}')
     elif label in CLASS_NAMES and (label == CLASS_NAMES[1]) != (v > N_ANNOTATORS / 2):
-        out.append(f'{where}: {int(v)} of {N_ANNOTATORS} annotators chose SSA, inconsistent with majority label {label}')
+        out.append(f'{where}: {int(v)} of {N_ANNOTATORS} annotators '
+                   f'chose SSA, inconsistent with majority label {label}')
     return out
 
 # %% ../nbs/00_data.ipynb #dd320da6
@@ -77,7 +79,8 @@ def check_annotations(raw:pd.DataFrame) -> tuple[pd.DataFrame|None, list[str]]:
     df = raw[list(COLUMNS)].rename(columns=SHORT_NAMES)
     if len(df) == 0: problems.append('annotations.csv: no rows')
     votes = pd.to_numeric(df.votes, errors='coerce')
-    for i in range(len(df)): problems += _row_problems(i, df.name[i], df.label[i], df.partition[i], df.votes[i], votes[i])
+    for i in range(len(df)):
+        problems += _row_problems(i, df.name[i], df.label[i], df.partition[i], df.votes[i], votes[i])
     dups = df.name[df.name.duplicated() & (df.name != '')].unique()
     if len(dups): problems.append(f'annotations.csv: duplicate image name(s) {list(dups)}')
     if not problems: df = df.assign(votes=votes.astype(int), y=(df.label == CLASS_NAMES[1]).astype(int))
@@ -153,7 +156,8 @@ def decode_tile(path) -> np.ndarray:
     with Image.open(path) as im: return np.asarray(im.convert('RGB'))
 
 # %% ../nbs/00_data.ipynb #8b7fa728
-CACHE_MODES = ('memory', 'disk', 'none')   # `TileCache` modes: decoded tiles kept in memory, in a memmap on disk, or not at all
+# `TileCache` modes: decoded tiles kept in memory, in a memmap on disk, or not at all
+CACHE_MODES = ('memory', 'disk', 'none')
 
 # %% ../nbs/00_data.ipynb #8d423cf7
 class TileCache:
@@ -166,7 +170,8 @@ class TileCache:
                  size:int=TILE_SIZE,    # the tiles' side in pixels
                  progress:bool=False,   # show progress bars while decoding
                 ):
-        if mode not in CACHE_MODES: raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}; got {mode!r}")
+        if mode not in CACHE_MODES:
+            raise ValueError(f"cache mode must be one of {', '.join(CACHE_MODES)}; got {mode!r}")
         self.root, self.names, self.mode, self.progress = Path(root), list(names), mode, progress
         self.index = {n: i for i, n in enumerate(self.names)}
         self.shape = (len(self.names), size, size, 3)
@@ -215,7 +220,8 @@ def warm(self:TileCache):
 
 # %% ../nbs/00_data.ipynb #bb63027d
 def _write_memmap(file:Path, shape, tiles):
-    "Write the uint8 array `shape`, row by row from the iterable `tiles`, to `file` atomically (a temporary file, renamed)."
+    ("Write the uint8 array `shape`, row by row from the iterable "
+     "`tiles`, to `file` atomically (a temporary file, renamed).")
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix='.tiles-', suffix='.tmp'); os.close(fd)
     try:
@@ -295,7 +301,8 @@ def flip_tiles(x:torch.Tensor, h:torch.Tensor, v:torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/00_data.ipynb #173bcaf9
 def rot90_tiles(x:torch.Tensor, k:torch.Tensor) -> torch.Tensor:
-    "Rotate each square tile of (B, C, H, W) `x` by its own `k` quarter turns (as `torch.rot90` over the last two dims)."
+    ("Rotate each square tile of (B, C, H, W) `x` by its own `k` "
+     "quarter turns (as `torch.rot90` over the last two dims).")
     k, out = k.to(x.device).view(-1, 1, 1, 1), x                    # turns drawn on the CPU, tiles on any device
     for j in (1, 2, 3): out = torch.where(k == j, torch.rot90(x, j, (-2, -1)), out)
     return out
@@ -336,7 +343,8 @@ def _to_float(x:torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/00_data.ipynb #e36c2799
 class TileTransform(torch.nn.Module):
-    "uint8 tiles, one (3, H, W) or a batch (B, 3, H, W) on any device, to normalised float; augmentation drawn per tile."
+    ("uint8 tiles, one (3, H, W) or a batch (B, 3, H, W) on any "
+     "device, to normalised float; augmentation drawn per tile.")
     def __init__(self,
                  mean, std,                 # per-channel normalisation statistics, in [0, 1]
                  train:bool=False,          # augment; otherwise the switches below are ignored
@@ -418,7 +426,8 @@ def draws(self:MHISTDataset, n:int, seed:int|None):
 # %% ../nbs/00_data.ipynb #8bd02c56
 @patch
 def batch(self:MHISTDataset, idxs, seed:int|None=None, part:slice|None=None):
-    "Rows `idxs` (only `part` of them, if given) collated: images (B, 3, H, W), labels (B,), names, votes (B,); `seed` fixes augmentation."
+    ("Rows `idxs` (only `part` of them, if given) collated: images (B, 3, "
+     "H, W), labels (B,), names, votes (B,); `seed` fixes augmentation.")
     idxs = np.asarray(idxs, dtype=np.int64)
     d = self.draws(len(idxs), seed)                   # drawn for the whole batch, so a part gets its share of them
     if part is not None: idxs, d = idxs[part], (None if d is None else d[part])
@@ -435,7 +444,8 @@ def shard(n:int, rank:int, world:int) -> slice:
 
 # %% ../nbs/00_data.ipynb #c771f5bd
 class _Batches(Dataset):
-    "View of an `MHISTDataset` indexed by `(seed, row indices)` pairs (from `EpochBatches`) or plain index lists; rank `rank` of `world` builds its `shard`."
+    ("View of an `MHISTDataset` indexed by `(seed, row indices)` pairs (from "
+     "`EpochBatches`) or plain index lists; rank `rank` of `world` builds its `shard`.")
     def __init__(self, ds, rank:int=0, world:int=1): self.ds, self.rank, self.world = ds, rank, world
     def __len__(self): return len(self.ds)
     def __getitem__(self, key):
@@ -489,7 +499,8 @@ def __iter__(self:EpochBatches):
 def _class_counts(y) -> tuple[int, int]:
     y = np.asarray(y).astype(int)
     n_pos = int(y.sum()); n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0: raise ValueError(f'need both classes, got {n_neg} negative and {n_pos} positive labels')
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f'need both classes, got {n_neg} negative and {n_pos} positive labels')
     return n_neg, n_pos
 
 # %% ../nbs/00_data.ipynb #c105935e
@@ -526,17 +537,20 @@ def rank_device(device, world:int|None=None) -> torch.device:
     if world > 1 and 'LOCAL_RANK' in os.environ:
         own = int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()
         if device.index not in (None, own):
-            warnings.warn(f"under torchrun each process uses the GPU of its LOCAL_RANK: {device} is taken as cuda:{own}")
+            warnings.warn("under torchrun each process uses the GPU of its "
+                          f"LOCAL_RANK: {device} is taken as cuda:{own}")
         return torch.device('cuda', own)
     return device if device.index is not None else torch.device('cuda', torch.cuda.current_device())
 
 # %% ../nbs/00_data.ipynb #da755931
 def resolve_data_device(data_device:str='auto', device:str='auto', nbytes:int=0, free_bytes:int|None=None) -> str:
-    "`workers`, or the device of the resident path (a GPU with its index); `auto`: the CUDA training device if the tiles need ≤ 25 % of its free memory."
+    ("`workers`, or the device of the resident path (a GPU with its index); `auto`: "
+     "the CUDA training device if the tiles need ≤ 25 % of its free memory.")
     if data_device == 'workers': return 'workers'
     if data_device != 'auto':
         try: dd = torch.device(data_device)
-        except RuntimeError as e: raise ValueError(f"data_device must be 'auto', 'workers' or a torch device, got {data_device!r}") from e
+        except RuntimeError as e:
+            raise ValueError(f"data_device must be 'auto', 'workers' or a torch device, got {data_device!r}") from e
         return str(rank_device(dd)) if dd.type == 'cuda' else data_device
     dev = torch.device(device) if device != 'auto' else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if dev.type != 'cuda': return 'workers'
@@ -559,7 +573,8 @@ class DeviceLoader:
         tiles = torch.from_numpy(ds.cache.take(ds.idx))                          # (N, H, W, 3) uint8, host
         self.x = tiles.to(self.device).permute(0, 3, 1, 2).contiguous()           # (N, 3, H, W) uint8, device
         self.y = torch.tensor(ds.labels, dtype=torch.float32).to(self.device)
-        self.tf = copy.deepcopy(ds.transform).to(self.device) if ds.transform is not None else None   # the dataset's stays put
+        # the dataset's stays put
+        self.tf = copy.deepcopy(ds.transform).to(self.device) if ds.transform is not None else None
 
     def __len__(self): return len(self.batches)
     def set_epoch(self, epoch:int): self.batches.set_epoch(epoch)
@@ -575,7 +590,8 @@ def __iter__(self:DeviceLoader):
         i = _to_device(torch.as_tensor(idxs, dtype=torch.long), self.device)
         x = self.x.index_select(0, i)
         if self.tf is not None: x = self.tf(x, None if d is None else _to_device(d, self.device))
-        yield x, self.y.index_select(0, i), [self.dataset.names[j] for j in idxs], torch.as_tensor(self.dataset.votes[idxs])
+        yield (x, self.y.index_select(0, i), [self.dataset.names[j] for j in idxs],
+               torch.as_tensor(self.dataset.votes[idxs]))
 
 # %% ../nbs/00_data.ipynb #ce50c2de
 def _read_checked(root:Path, cache:str, cache_dir:Path, check_images:bool) -> pd.DataFrame:
@@ -605,7 +621,8 @@ class MHISTData:
                  val_frac:float=0.2,          # share of `train` held out as `val` (stratified)
                  seed:int=42,                 # seeds the split, the shuffling and the augmentation
                  cache:str='memory',          # `TileCache` mode: 'memory', 'disk' or 'none'
-                 cache_dir=None,              # where the disk cache and statistics live; default `data_dir/.mhist_cache`
+                 # where the disk cache and statistics live; default `data_dir/.mhist_cache`
+                 cache_dir=None,
                  augment:dict|None=None,      # `flips`, `rot90`, `hed_jitter` for the training transform
                  balance:bool=False,          # draw both classes equally often in training
                  num_workers:int|None=None,   # DataLoader workers (None: `default_workers()`)
@@ -639,7 +656,8 @@ class MHISTData:
 # %% ../nbs/00_data.ipynb #41a349a5
 @patch
 def _loader(self:MHISTData, split:str, tf, train:bool, batch_size:int, balance:bool, nw:int, pin:bool):
-    "The loader of `split` (None when it is empty): a `DeviceLoader`, or a `DataLoader` over `_Batches` with `nw` workers."
+    ("The loader of `split` (None when it is empty): a `DeviceLoader`, "
+     "or a `DataLoader` over `_Batches` with `nw` workers.")
     d = self.df[self.df.split == split]
     if len(d) == 0: return None
     ds = MHISTDataset(d, self.cache, tf)
@@ -648,8 +666,8 @@ def _loader(self:MHISTData, split:str, tf, train:bool, batch_size:int, balance:b
     else: order = EpochSampler(len(ds), self.seed)
     batches = EpochBatches(order, batch_size, self.seed)
     if self.data_device != 'workers': return DeviceLoader(ds, batches, self.data_device, self.rank, self.world)
-    return DataLoader(_Batches(ds, self.rank, self.world), sampler=batches, batch_size=None, num_workers=nw, pin_memory=pin,
-                      worker_init_fn=_seed_worker, persistent_workers=nw > 0,
+    return DataLoader(_Batches(ds, self.rank, self.world), sampler=batches, batch_size=None, num_workers=nw,
+                      pin_memory=pin, worker_init_fn=_seed_worker, persistent_workers=nw > 0,
                       generator=torch.Generator().manual_seed(self.seed))
 
 # %% ../nbs/00_data.ipynb #1fa678b5
@@ -657,4 +675,5 @@ def _loader(self:MHISTData, split:str, tf, train:bool, batch_size:int, balance:b
 def __repr__(self:MHISTData):
     c = self.df.groupby(['split', 'label']).size().unstack(fill_value=0)
     return (f'MHISTData({self.root}, data_device={self.data_device!r}, mean={np.round(self.mean, 3).tolist()}, '
-            f'std={np.round(self.std, 3).tolist()}' + (f', rank={self.rank} of {self.world}' if self.world > 1 else '') + f')\n{c}')
+            f'std={np.round(self.std, 3).tolist()}'
+            + (f', rank={self.rank} of {self.world}' if self.world > 1 else '') + f')\n{c}')

@@ -28,7 +28,8 @@ BACKEND_ENV = 'MHIST_DDP_BACKEND'       # 'nccl' or 'gloo'; unset: NCCL when CUD
 
 # %% ../nbs/32_ddp.ipynb #36d60fd5
 def claim_gpu(backend:str) -> int:
-    "Make the GPU of this process's `LOCAL_RANK` the current one (round-robin past the last GPU, which only gloo allows); return it."
+    ("Make the GPU of this process's `LOCAL_RANK` the current one "
+     "(round-robin past the last GPU, which only gloo allows); return it.")
     local, n = int(os.environ['LOCAL_RANK']), torch.cuda.device_count()
     if backend == 'nccl' and local >= n:
         raise RuntimeError(f'NCCL needs a GPU per process: this is local rank {local}, and {n} GPU(s) are visible; '
@@ -40,7 +41,8 @@ def claim_gpu(backend:str) -> int:
 def init_distributed(backend:str|None=None, timeout_min:float=60) -> tuple[int, int]:
     "Join the process group `torchrun` describes in the environment; return (rank, world size)."
     missing = [k for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
-    if missing: raise RuntimeError(f'not started by torchrun: {missing} not set (start with `torchrun ... -m mhist_nb.ddp CONFIG`)')
+    if missing: raise RuntimeError(f'not started by torchrun: {missing} not set (start '
+                                   'with `torchrun ... -m mhist_nb.ddp CONFIG`)')
     backend = backend or os.environ.get(BACKEND_ENV) or ('nccl' if torch.cuda.is_available() else 'gloo')
     if torch.cuda.is_available(): claim_gpu(backend)             # with gloo too: else every rank lands on cuda:0
     if not dist.is_initialized(): dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
@@ -49,8 +51,8 @@ def init_distributed(backend:str|None=None, timeout_min:float=60) -> tuple[int, 
 # %% ../nbs/32_ddp.ipynb #c9d1fae4
 def trainer_options(trainer:Trainer) -> dict:
     "The `Trainer` arguments (JSON) that rebuild `trainer` in another process."
-    return dict(trainer.hp, selector=asdict(trainer.selector), device=trainer.device.type, ckpt_dir=str(trainer.ckpt_dir),
-                save_last=trainer.save_last, quiet=trainer.quiet)
+    return dict(trainer.hp, selector=asdict(trainer.selector), device=trainer.device.type,
+                ckpt_dir=str(trainer.ckpt_dir), save_last=trainer.save_last, quiet=trainer.quiet)
 
 # %% ../nbs/32_ddp.ipynb #f2e48250
 def data_options(data_kw:dict, # the notebook's `MHISTData` arguments: `TrainParams.to('data')`
@@ -60,7 +62,8 @@ def data_options(data_kw:dict, # the notebook's `MHISTData` arguments: `TrainPar
 
 # %% ../nbs/32_ddp.ipynb #9f8dca1f
 class EpochLogger(MLflowCallback):
-    "Rank 0's share of a notebook's `MLflowCallback`: every epoch's metrics and the stage, logged into the run `run_id`."
+    ("Rank 0's share of a notebook's `MLflowCallback`: every "
+     "epoch's metrics and the stage, logged into the run `run_id`.")
     def __init__(self, uri:str, run_id:str):
         super().__init__('torchrun', tracking_uri_=uri)
         self.run_id = run_id
@@ -82,12 +85,15 @@ def run_worker(cfg:dict) -> Trainer:
     rank, _ = dist_rank_world()
     d = dict(cfg['data'])
     data = MHISTData(d.pop('data_dir'), check_images=False, **d)          # the notebook has validated the tiles
-    torch.manual_seed(cfg['trainer'].get('seed', 42))                      # the same weights on every rank, before `init`
-    trainer = Trainer(create(cfg['model']['name'], **cfg['model']['kw']), callbacks=_callbacks(cfg, rank), **cfg['trainer'])
+    # the same weights on every rank, before `init`
+    torch.manual_seed(cfg['trainer'].get('seed', 42))
+    trainer = Trainer(create(cfg['model']['name'], **cfg['model']['kw']), callbacks=_callbacks(cfg, rank),
+                      **cfg['trainer'])
     if cfg.get('init'): trainer.model.load_state_dict(trainer.load_from_main(Path(cfg['init']))['model'])
     fit = dict(cfg['fit'])
     getattr(trainer, fit.pop('method'))(data.train, data.val, **fit)
-    devices = trainer.strategy.gather(dict(model=str(trainer.device), data=data.data_device))   # where each rank trained
+    # where each rank trained
+    devices = trainer.strategy.gather(dict(model=str(trainer.device), data=data.data_device))
     if trainer.strategy.is_main:                                                                 # and held its tiles
         out = dict(history=trainer.history, best=trainer.best, best_fallback=trainer.best_fallback, epoch=trainer.epoch,
                    stage=trainer.stage, world=trainer.strategy.world, devices=devices)
@@ -118,9 +124,11 @@ def torchrun_command(config=None, # the worker configuration; None on the other 
                      join_timeout:int=3600, # seconds a machine waits for the others to join (several machines only)
                      backend:str|None=None) -> list[str]: # (set through the environment by `launch_torchrun`)
     "The `torchrun` command line that runs `mhist_nb.ddp` on this machine."
-    if nproc_per_node < 1 or nnodes < 1: raise ValueError(f'nproc_per_node and nnodes must be >= 1, got {nproc_per_node} and {nnodes}')
+    if nproc_per_node < 1 or nnodes < 1:
+        raise ValueError(f'nproc_per_node and nnodes must be >= 1, got {nproc_per_node} and {nnodes}')
     if nnodes == 1: rdzv = ['--standalone']
-    elif not master_addr: raise ValueError('several machines (nnodes > 1) need master_addr: the address of node 0, where the notebook runs')
+    elif not master_addr: raise ValueError('several machines (nnodes > 1) need master_addr: '
+                                           'the address of node 0, where the notebook runs')
     else: rdzv = ['--nnodes', str(nnodes), '--node_rank', str(node_rank), '--master_addr', master_addr,
                   '--master_port', str(master_port), '--rdzv_conf', f'timeout={join_timeout}']
     return [sys.executable, '-m', 'torch.distributed.run', *rdzv, '--nproc_per_node', str(nproc_per_node),
@@ -138,11 +146,13 @@ def launch_torchrun(config, quiet:bool=False, **distributed):
         for line in proc.stdout:
             tail.append(line)
             if not quiet: print(line, end='', flush=True)
-    if proc.returncode: raise RuntimeError(f'torchrun failed (exit {proc.returncode}); its last lines:\n' + ''.join(tail))
+    if proc.returncode:
+        raise RuntimeError(f'torchrun failed (exit {proc.returncode}); its last lines:\n' + ''.join(tail))
 
 # %% ../nbs/32_ddp.ipynb #75cfe091
 def adopt_result(trainer:Trainer) -> pd.DataFrame:
-    "Load the history, the selection and the selected weights that rank 0 wrote into `trainer.ckpt_dir`; return the history."
+    ("Load the history, the selection and the selected weights that "
+     "rank 0 wrote into `trainer.ckpt_dir`; return the history.")
     r = json.loads((trainer.ckpt_dir/'fit.json').read_text())
     trainer.history, trainer.best, trainer.best_fallback = r['history'], r['best'], r['best_fallback']
     trainer.epoch, trainer.stage = r['epoch'], r['stage']

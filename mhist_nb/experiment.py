@@ -25,13 +25,15 @@ __all__ = ['EXPERIMENTS', 'Rule', 'param', 'type_ok', 'TrainParams', 'MLPParams'
 # %% ../nbs/07_experiment.ipynb #f34d4a9f
 @dataclass(frozen=True)
 class Rule:
-    "Allowed values of a parameter: `ge`/`gt` and `le`/`lt` bounds, and `choices`; None always passes (the type decides)."
+    ("Allowed values of a parameter: `ge`/`gt` and `le`/`lt` "
+     "bounds, and `choices`; None always passes (the type decides).")
     ge:float|None=None; gt:float|None=None; le:float|None=None; lt:float|None=None
     choices:tuple|None=None
     def problem(self, v) -> str|None:
         "Why `v` is not allowed, or None when it is."
         if v is None: return None
-        if self.choices is not None and v not in self.choices: return f"{v!r} is not one of {', '.join(map(repr, self.choices))}"
+        if self.choices is not None and v not in self.choices:
+            return f"{v!r} is not one of {', '.join(map(repr, self.choices))}"
         for op, b, ok in (('>=', self.ge, lambda: v >= self.ge), ('>', self.gt, lambda: v > self.gt),
                           ('<=', self.le, lambda: v <= self.le), ('<', self.lt, lambda: v < self.lt)):
             if b is not None and not ok(): return f'{v!r} is not allowed: must be {op} {b:g}'
@@ -45,7 +47,8 @@ def param(to:str|tuple=(), # 'data', 'trainer' or both: the library call the val
 
 # %% ../nbs/07_experiment.ipynb #fda50e50
 def type_ok(v, tp) -> bool:
-    "Whether `v` is of type `tp` (a class or a union such as `int|None`); ints pass as floats, bools pass only as bools."
+    ("Whether `v` is of type `tp` (a class or a union such as "
+     "`int|None`); ints pass as floats, bools pass only as bools.")
     kinds = typing.get_args(tp) or (tp,)
     if isinstance(v, bool): return bool in kinds
     if isinstance(v, int) and float in kinds: return True
@@ -152,7 +155,8 @@ def to(self:TrainParams, call:str) -> dict:
 
 # %% ../nbs/07_experiment.ipynb #4010de2b
 def experiment_data(p:TrainParams) -> tuple:
-    "(data, out_dir, synthetic) of a training notebook with parameters `p`; a synthetic stand-in when `data_dir` is None."
+    ("(data, out_dir, synthetic) of a training notebook with "
+     "parameters `p`; a synthetic stand-in when `data_dir` is None.")
     synthetic = p.data_dir is None
     data_dir = synth(Path(tempfile.mkdtemp())/'synth', scale=p.scale, seed=p.seed) if synthetic else p.data_dir
     out_dir = Path(p.out_dir) if p.out_dir else Path(tempfile.mkdtemp())
@@ -167,7 +171,8 @@ def experiment_trainer(net, data, out_dir, p:TrainParams, # the notebook's param
     "(trainer, callback): a `Trainer` for `net` with an `MLflowCallback`, from a training notebook's parameters `p`."
     cb = MLflowCallback(p.experiment, run_name=p.run_name, data=data, val_dl=data.val, enabled=p.tracking,
                         tracking_uri_=notebook_tracking_uri(), log_checkpoint=p.log_checkpoint, params=log_params)
-    cbs = [cb] + [c for c in (pruning_from_env(),) if c is not None]   # an Optuna sweep's trial, when it runs this notebook
+    # an Optuna sweep's trial, when it runs this notebook
+    cbs = [cb] + [c for c in (pruning_from_env(),) if c is not None]
     trainer = Trainer(net, pos_weight=float(data.pos_weight) if p.use_pos_weight else None,
                       selector=Selector(**p.selector), ckpt_dir=Path(out_dir)/f'ckpt_{p.model}', callbacks=cbs,
                       **{**p.to('trainer'), **overrides})
@@ -181,9 +186,10 @@ def predict_splits(trainer, data, threshold:float, seed:int, n_resamples:int=100
     return pred_val, trainer.predict(data.test).assign(split='test'), val_table
 
 # %% ../nbs/07_experiment.ipynb #3b4e7e39
-def save_experiment(out_dir, family:str, trainer, data, cb:MLflowCallback, model:str, model_kw:dict, pred_val, pred_test,
-                    val_table, train_seconds:float, input_size:int=224) -> dict:
-    "Write predictions, metrics, history and `run_{family}.json` into `out_dir`, log them to the run; return the run info."
+def save_experiment(out_dir, family:str, trainer, data, cb:MLflowCallback, model:str, model_kw:dict, pred_val,
+                    pred_test, val_table, train_seconds:float, input_size:int=224) -> dict:
+    ("Write predictions, metrics, history and `run_{family}.json` "
+     "into `out_dir`, log them to the run; return the run info.")
     out_dir = Path(out_dir)
     files = dict(val=out_dir/f'predictions_{family}_val.csv', test=out_dir/f'predictions_{family}_test.csv',
                  metrics=out_dir/f'metrics_{family}_val.csv', history=out_dir/f'history_{family}.csv',
@@ -193,12 +199,14 @@ def save_experiment(out_dir, family:str, trainer, data, cb:MLflowCallback, model
     best = trainer.selected
     info = dict(family=family, model=model, model_kw=model_kw, checkpoint=str(trainer.ckpt_dir/'best.pt'),
                 run_id=cb.run_id if cb.enabled else None, tracking_uri=cb.uri, experiment=cb.experiment,
-                mean=data.mean, std=data.std, input_size=input_size, class_names=list(CLASS_NAMES), data_dir=str(data.root),
-                data_fingerprint=data.cache.key, val_frac=data.val_frac, seed=data.seed, params=count_parameters(trainer.model), train_seconds=train_seconds,
+                mean=data.mean, std=data.std, input_size=input_size, class_names=list(CLASS_NAMES),
+                data_dir=str(data.root), data_fingerprint=data.cache.key, val_frac=data.val_frac, seed=data.seed,
+                params=count_parameters(trainer.model), train_seconds=train_seconds,
                 best_epoch=int(best['epoch']), best_val_auc=float(best['val_auc']), selected_by=trainer.selected_by,
                 predictions=dict(val=str(files['val']), test=str(files['test'])))
     files['run'].write_text(json.dumps(info, indent=2))
-    log_outputs(cb, [files[k] for k in ('val', 'test', 'metrics', 'run')], 'predictions', metrics=dict(train_seconds=train_seconds))
+    log_outputs(cb, [files[k] for k in ('val', 'test', 'metrics', 'run')], 'predictions',
+                metrics=dict(train_seconds=train_seconds))
     return info
 
 # %% ../nbs/07_experiment.ipynb #884af3f0
@@ -211,6 +219,7 @@ def experiment_conclusion(trainer, model:str, val_table, threshold:float, train_
              f"{len(hist)} epoch(s) in {train_seconds:.0f} s on {trainer.device}.",
              f"* Selected epoch {best['epoch']}{stage} by the rule *{trainer.selected_by}*: validation AUC "
              f"**{auc['estimate']:.3f}** (95% CI {auc['low']:.3f}–{auc['high']:.3f}), "
-             f"balanced accuracy {val_table.loc['balanced_accuracy', 'estimate']:.3f} at threshold {threshold}.", *extra]
+             f"balanced accuracy {val_table.loc['balanced_accuracy', 'estimate']:.3f} at threshold {threshold}.",
+             *extra]
     if synthetic: lines.append('* Synthetic tiles: a demonstration of the pipeline, not an MHIST result.')
     return '\n'.join(lines)

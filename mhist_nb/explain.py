@@ -35,7 +35,8 @@ def evaluating(model:nn.Module):
 # %% ../nbs/09_explain.ipynb #6166ce4f
 def fast_layout(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
     "`x` in channels-last memory layout when `model` has 2-d convolutions (faster on CPU), else `x` unchanged."
-    if x.ndim == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules()): return x.contiguous(memory_format=torch.channels_last)
+    if x.ndim == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return x.contiguous(memory_format=torch.channels_last)
     return x
 
 # %% ../nbs/09_explain.ipynb #6b1eeba9
@@ -49,9 +50,11 @@ def attention_probs(attn:nn.Module, x:torch.Tensor) -> torch.Tensor:
 # %% ../nbs/09_explain.ipynb #1995842f
 def block_attentions(model:nn.Module, x:torch.Tensor) -> list[torch.Tensor]:
     "Head-averaged attention probabilities (B, N, N) of every block of timm ViT `model` on the batch `x`."
-    if not hasattr(model, 'blocks'): raise TypeError(f'attention rollout needs a timm ViT (with .blocks), got a {type(model).__name__}')
+    if not hasattr(model, 'blocks'):
+        raise TypeError(f'attention rollout needs a timm ViT (with .blocks), got a {type(model).__name__}')
     out = []
-    hooks = [b.attn.register_forward_hook(lambda m, inp, _: out.append(attention_probs(m, inp[0]).mean(1))) for b in model.blocks]
+    hooks = [b.attn.register_forward_hook(lambda m, inp, _: out.append(attention_probs(m, inp[0]).mean(1)))
+             for b in model.blocks]
     try:
         with evaluating(model), torch.no_grad(): model(x)
     finally:
@@ -71,7 +74,8 @@ def rollout(attentions) -> torch.Tensor:
 # %% ../nbs/09_explain.ipynb #5cede173
 def readout_of(model:nn.Module) -> str:
     "'cls' for a ViT that classifies from its class token, 'mean' for one that averages its patch tokens."
-    return 'cls' if getattr(model, 'num_prefix_tokens', 0) and getattr(model, 'global_pool', 'token') == 'token' else 'mean'
+    return ('cls' if getattr(model, 'num_prefix_tokens', 0) and getattr(model, 'global_pool', 'token') == 'token'
+            else 'mean')
 
 # %% ../nbs/09_explain.ipynb #bab749af
 def attention_rollout(model:nn.Module, x:torch.Tensor, readout:str='auto') -> torch.Tensor:
@@ -117,14 +121,16 @@ def randomized_copy(model:nn.Module, seed:int=0) -> nn.Module:
         torch.manual_seed(seed)
         done = set()
         for m in new.modules():
-            if hasattr(m, 'reset_parameters'): m.reset_parameters(); done |= {id(p) for p in m.parameters(recurse=False)}
+            if hasattr(m, 'reset_parameters'):
+                m.reset_parameters(); done |= {id(p) for p in m.parameters(recurse=False)}
         for p in new.parameters():
             if id(p) not in done: nn.init.trunc_normal_(p, std=0.02)
     return new.eval()
 
 # %% ../nbs/09_explain.ipynb #b3884cbc
 def map_similarity(a, b) -> tuple[np.ndarray, float]:
-    "Spearman's rho between maps `a[i]` and `b[i]` (flattened) per tile (NaN where one is constant), and the median of the rest."
+    ("Spearman's rho between maps `a[i]` and `b[i]` (flattened) per "
+     "tile (NaN where one is constant), and the median of the rest.")
     a, b = (np.asarray(t, dtype=np.float64).reshape(len(t), -1) for t in (a, b))
     if a.shape != b.shape: raise ValueError(f'maps of different shapes: {a.shape} and {b.shape}')
     const = (a.min(1) == a.max(1)) | (b.min(1) == b.max(1))
@@ -133,7 +139,8 @@ def map_similarity(a, b) -> tuple[np.ndarray, float]:
 
 # %% ../nbs/09_explain.ipynb #f0bcf26a
 def random_rho(maps, copies:list) -> np.ndarray:
-    "Per tile, the median over random-weight `copies` (each maps like `maps`) of Spearman's rho with `maps`; NaN if none is defined."
+    ("Per tile, the median over random-weight `copies` (each maps like "
+     "`maps`) of Spearman's rho with `maps`; NaN if none is defined.")
     r = np.stack([map_similarity(maps, c)[0] for c in copies])
     out = np.full(r.shape[1], np.nan)
     some = np.isfinite(r).any(0)
@@ -142,30 +149,37 @@ def random_rho(maps, copies:list) -> np.ndarray:
 
 # %% ../nbs/09_explain.ipynb #bbc64b29
 def crypt_wall_masks(data_dir, names) -> np.ndarray:
-    "Crypt-wall (epithelium) masks (n, 224, 224) of synthetic tiles `names`, redrawn exactly as mhist_nb.synth drew them."
+    ("Crypt-wall (epithelium) masks (n, 224, 224) of synthetic "
+     "tiles `names`, redrawn exactly as mhist_nb.synth drew them.")
     from mhist_nb import synth
     root = Path(data_dir)
-    if not (root / synth.MARKER).is_file(): raise ValueError(f'{root} is not a synthetic set (no {synth.MARKER}): its crypt walls are unknown')
+    if not (root / synth.MARKER).is_file():
+        raise ValueError(f'{root} is not a synthetic set (no {synth.MARKER}): its crypt walls are unknown')
     mk = json.loads((root / synth.MARKER).read_text())
     if mk.get('version') != synth.GENERATOR_VERSION:
-        raise ValueError(f"{root} was drawn by generator version {mk.get('version')}, this is version {synth.GENERATOR_VERSION}")
+        raise ValueError(f"{root} was drawn by generator version {mk.get('version')}, "
+                         f"this is version {synth.GENERATOR_VERSION}")
     table = synth.synth_table(mk['scale'], mk['seed'])
     row = {n: i for i, n in enumerate(table['Image Name'])}
     masks = []
     for n in names:
         i, p = row[n], float(table.p[row[n]])
         _, epi, _, _, white = synth._crypt_masks(p, np.random.default_rng([mk['seed'], i]), TILE_SIZE)
-        if not np.array_equal(synth.render_tile(p, np.random.default_rng([mk['seed'], i])), decode_tile(root / 'images' / n)):
-            raise ValueError(f'{n} differs from its redrawing: the tiles of {root} were changed after they were written')
+        if not np.array_equal(synth.render_tile(p, np.random.default_rng([mk['seed'], i])),
+                              decode_tile(root / 'images' / n)):
+            raise ValueError(f'{n} differs from its redrawing: the tiles of '
+                             f'{root} were changed after they were written')
         masks.append(epi & ~white)
     return np.stack(masks)
 
 # %% ../nbs/09_explain.ipynb #294ecf90
 def mass_share(maps, masks) -> tuple[np.ndarray, np.ndarray]:
-    "Per tile: the share of |map| on the pixels of `masks` (maps resized bilinearly to them), and the share of pixels they cover."
+    ("Per tile: the share of |map| on the pixels of `masks` (maps "
+     "resized bilinearly to them), and the share of pixels they cover.")
     m = np.asarray(masks, dtype=bool)
     a = torch.as_tensor(np.asarray(maps, dtype=np.float64))
-    if a.shape[1:] != m.shape[1:]: a = F.interpolate(a[:, None], size=m.shape[1:], mode='bilinear', align_corners=False)[:, 0]
+    if a.shape[1:] != m.shape[1:]:
+        a = F.interpolate(a[:, None], size=m.shape[1:], mode='bilinear', align_corners=False)[:, 0]
     a = a.abs().numpy()
     return (a * m).sum((1, 2)) / np.maximum(a.sum((1, 2)), 1e-30), m.mean((1, 2))
 
@@ -216,7 +230,9 @@ def plot_gallery(tiles, maps, cells, captions, signed:bool=False, title:str='') 
     for ax in axes.flat: ax.axis('off')
     for r, c in enumerate(rows):
         for k, i in enumerate(np.flatnonzero(cells == c)):
-            axes[r, k].axis('on'); overlay(axes[r, k], tiles[i], maps[i], signed); axes[r, k].set_title(captions[i], fontsize=7)
+            axes[r, k].axis('on')
+            overlay(axes[r, k], tiles[i], maps[i], signed)
+            axes[r, k].set_title(captions[i], fontsize=7)
         axes[r, 0].set_ylabel(c, fontsize=10)
     fig.suptitle(title, fontsize=10); fig.tight_layout()
     return fig
@@ -226,7 +242,8 @@ METHODS = ('rollout', 'integrated_gradients', 'occlusion')
 
 def explanation_maps(model:nn.Module, x:torch.Tensor, ig_steps:int=32, patch:int=32, stride:int=32,
                      methods=METHODS) -> tuple[dict, dict, np.ndarray|None]:
-    "{method: maps (n, H, W) as numpy} of `model` on `x` for `methods` (rollout only for a ViT), their seconds, IG's deltas."
+    ("{method: maps (n, H, W) as numpy} of `model` on `x` for "
+     "`methods` (rollout only for a ViT), their seconds, IG's deltas.")
     maps, secs, delta = {}, {}, None
     for method in (m for m in METHODS if m in methods):
         if method == 'rollout' and not hasattr(model, 'blocks'): continue

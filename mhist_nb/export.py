@@ -75,7 +75,8 @@ INT8_QUANTIZATION = dict(method='dynamic', weight_type='QInt8', per_channel=True
 
 # %% ../nbs/07_export.ipynb #9546fe97
 def quantize_int8(src, dst, per_channel:bool=True) -> Path:
-    "Dynamic INT8 quantization (QInt8 weights, per output channel) of the MatMul/Gemm weights of `src` into `dst`; checked."
+    ("Dynamic INT8 quantization (QInt8 weights, per output channel) "
+     "of the MatMul/Gemm weights of `src` into `dst`; checked.")
     from onnxruntime.quantization import quantize_dynamic, QuantType    # loads only when quantizing
     dst = Path(dst); dst.parent.mkdir(parents=True, exist_ok=True)
     previous = logging.root.manager.disable
@@ -99,7 +100,8 @@ def latency(fn, runs:int=20, warmup:int=2) -> dict:
 
 # %% ../nbs/07_export.ipynb #dedfa919
 def time_backends(fns:dict, size:int=224, batch_sizes=(1, 32), runs:int=20, seed:int=0) -> list[dict]:
-    "Rows (backend, batch, p50_ms, p95_ms, runs) timing each `fns[backend](x)` on seeded random (b, 3, size, size) batches."
+    ("Rows (backend, batch, p50_ms, p95_ms, runs) timing each "
+     "`fns[backend](x)` on seeded random (b, 3, size, size) batches.")
     rng, rows = np.random.default_rng(seed), []
     for b in batch_sizes:
         x = rng.standard_normal((b, 3, size, size), dtype=np.float32)
@@ -144,10 +146,12 @@ def write_manifest(path, # the manifest file to write
                    metrics:dict|None=None, # validation numbers measured on this file (NaN becomes null)
                    input_size:int=224, class_names=CLASS_NAMES, # input tiles (S, S); negative and positive class
                    **extra) -> dict:
-    "Write the JSON manifest `path` for the model file `onnx` (hashed; named relative to `path`), with the keys `extra`; return it."
+    ("Write the JSON manifest `path` for the model file `onnx` (hashed; "
+     "named relative to `path`), with the keys `extra`; return it.")
     path = Path(path); model_file = _model_file(path, onnx)
     names = list(class_names); neg, pos = names[0], names[1]
-    m = dict(model=model, family=family, onnx=Path(os.path.relpath(model_file.resolve(), path.parent.resolve())).as_posix(),
+    m = dict(model=model, family=family,
+             onnx=Path(os.path.relpath(model_file.resolve(), path.parent.resolve())).as_posix(),
              sha256=sha256(model_file),
              input=dict(name=INPUT_NAME, shape=[None, 3, int(input_size), int(input_size)], dtype='float32'),
              output=dict(name=OUTPUT_NAME, activation='sigmoid', positive_class=pos),
@@ -164,8 +168,10 @@ def write_manifest(path, # the manifest file to write
 
 # %% ../nbs/07_export.ipynb #7d7554a5
 def model_from_run(run:dict) -> nn.Module:
-    "The trained model of a run json: `create(model, **model_kw)` with the checkpoint's `model` state dict, in eval mode."
-    try: ckpt = torch.load(run['checkpoint'], map_location='cpu', weights_only=True, mmap=True)   # tensors and plain values only
+    ("The trained model of a run json: `create(model, **model_kw)` "
+     "with the checkpoint's `model` state dict, in eval mode.")
+    # tensors and plain values only
+    try: ckpt = torch.load(run['checkpoint'], map_location='cpu', weights_only=True, mmap=True)
     except RuntimeError as e:
         if 'mmap' not in str(e): raise
         ckpt = torch.load(run['checkpoint'], map_location='cpu', weights_only=True)   # an old, non-zip file
@@ -184,7 +190,8 @@ def read_threshold(out_dir, family:str) -> tuple[float, str]:
     if not p.is_file(): return 0.5, 'fixed'
     t = json.loads(p.read_text())
     if t.get('applies_to', 'p') != 'p':
-        raise ValueError(f"{p}: threshold applies to {t['applies_to']!r}; the manifest needs one on sigmoid(logit) ('p')")
+        raise ValueError(f"{p}: threshold applies to {t['applies_to']!r}; "
+                         "the manifest needs one on sigmoid(logit) ('p')")
     thr = float(t['threshold'])
     if not 0 <= thr <= 1: raise ValueError(f'{p}: threshold must be in [0, 1], got {thr}')
     return thr, str(t.get('rule', 'unknown'))
@@ -208,8 +215,10 @@ def log_artifacts(run:dict, paths, artifact_path:str='onnx') -> bool:
 # %% ../nbs/07_export.ipynb #25e7399a
 @lru_cache(maxsize=1)
 def validation_tiles(folder, val_frac:float=0.2, seed:int=0, size:int=224) -> dict:
-    "Validation split of the MHIST `folder` as training made it: normalised `X`, labels `y`, `names`, training `mean`/`std`."
-    d = MHISTData(folder, batch_size=32, val_frac=val_frac, seed=seed, num_workers=0, size=None if size == 224 else size)
+    ("Validation split of the MHIST `folder` as training made it: "
+     "normalised `X`, labels `y`, `names`, training `mean`/`std`.")
+    d = MHISTData(folder, batch_size=32, val_frac=val_frac, seed=seed, num_workers=0,
+                  size=None if size == 224 else size)
     b = list(d.val)
     return dict(X=torch.cat([x[0] for x in b]).numpy(), y=torch.cat([x[1] for x in b]).numpy().astype(int),
                 names=[n for x in b for n in x[2]], mean=d.mean, std=d.std)
@@ -218,10 +227,12 @@ def validation_tiles(folder, val_frac:float=0.2, seed:int=0, size:int=224) -> di
 def _input_size(run:dict) -> int: return int(run.get('input_size') or 224)
 
 def run_validation_tiles(run:dict, data_dir=None) -> dict:
-    "`validation_tiles` of run json `run`, from `data_dir` or the run's own; warns if the normalisation is not the run's."
+    ("`validation_tiles` of run json `run`, from `data_dir` or "
+     "the run's own; warns if the normalisation is not the run's.")
     val = validation_tiles(str(data_dir or run['data_dir']), float(run['val_frac']), int(run['seed']), _input_size(run))
     if not np.allclose(val['mean'], run['mean'], atol=1e-4) or not np.allclose(val['std'], run['std'], atol=1e-4):
-        warnings.warn(f"{run.get('family')}: mean/std of the training split ({val['mean']}, {val['std']}) differ from the "
+        warnings.warn(f"{run.get('family')}: mean/std of the training split "
+                      f"({val['mean']}, {val['std']}) differ from the "
                       f"run's ({run['mean']}, {run['std']}): is data_dir the data the model was trained on?")
     return val
 
@@ -240,8 +251,10 @@ def export_fp32(run:dict, out_dir, X, opset:int=17, threads:int=1, latency_runs:
     t, o = batched_logits(partial(torch_logits, model), X), batched_logits(partial(onnx_logits, sess), X)
     x = np.random.default_rng(seed).standard_normal((4, 3, s, s), dtype=np.float32)
     fns = {'torch eager fp32': partial(torch_logits, model), 'ORT fp32': partial(onnx_logits, sess)}
-    return dict(path=path, torch_logit=t, logit=o, parity_random=parity(model, sess, x), parity_val=float(np.abs(t - o).max()),
-                latency=time_backends(fns, s, batch_sizes, latency_runs, seed), state_dict_mb=state_dict_mb(model, out_dir))
+    return dict(path=path, torch_logit=t, logit=o, parity_random=parity(model, sess, x),
+                parity_val=float(np.abs(t - o).max()),
+                latency=time_backends(fns, s, batch_sizes, latency_runs, seed),
+                state_dict_mb=state_dict_mb(model, out_dir))
 
 # %% ../nbs/07_export.ipynb #a94dec6d
 def export_int8(fp32_path, X, threads:int=1, latency_runs:int=20, batch_sizes=(1, 32), seed:int=0) -> dict:
@@ -254,25 +267,29 @@ def export_int8(fp32_path, X, threads:int=1, latency_runs:int=20, batch_sizes=(1
 
 # %% ../nbs/07_export.ipynb #97931edb
 def training_agreement(out_dir, run:dict, names, p, data_dir=None) -> float|None:
-    "Largest |`p` - p of `predictions_{family}_val.csv`| over the tiles `names`; None if there is no such file to compare."
+    ("Largest |`p` - p of `predictions_{family}_val.csv`| over the "
+     "tiles `names`; None if there is no such file to compare.")
     pred_csv = Path(out_dir)/f"predictions_{run['family']}_val.csv"
     if not pred_csv.is_file(): return None
     trained = pd.read_csv(pred_csv).set_index('name')
     if sorted(trained.index) == sorted(names): return float(np.abs(trained.p.reindex(list(names)).to_numpy() - p).max())
     msg = f"{run['family']}: {pred_csv.name} holds other tiles than the validation split of"
-    if Path(data_dir or run['data_dir']).resolve() == Path(run['data_dir']).resolve():     # same data: same split expected
+    # same data: same split expected
+    if Path(data_dir or run['data_dir']).resolve() == Path(run['data_dir']).resolve():
         raise ValueError(f"{msg} {run['data_dir']}")
     warnings.warn(f'{msg} {data_dir}: not compared')
     return None
 
 # %% ../nbs/07_export.ipynb #18357c4c
 def compare_formats(family:str, y, torch_logit, logits:dict, threshold:float, rule:str) -> list[dict]:
-    "Per format of `logits` ({format: logits}, fp32 first): validation metrics at `threshold`, |Δlogit| vs PyTorch, flips vs fp32."
+    ("Per format of `logits` ({format: logits}, fp32 first): validation "
+     "metrics at `threshold`, |Δlogit| vs PyTorch, flips vs fp32.")
     calls = {k: sigmoid(z) >= threshold for k, z in logits.items()}
     ref, rows = next(iter(calls.values())), []
     for k, z in logits.items():
         m = all_metrics(y, sigmoid(z), threshold)
-        rows.append(dict(family=family, format=k, **{n: m[n] for n in ('auc', 'sensitivity', 'specificity', 'balanced_accuracy')},
+        rows.append(dict(family=family, format=k,
+                         **{n: m[n] for n in ('auc', 'sensitivity', 'specificity', 'balanced_accuracy')},
                          threshold=threshold, rule=rule, max_abs_dlogit_vs_torch=float(np.abs(z - torch_logit).max()),
                          calls_changed_vs_fp32=int((calls[k] != ref).sum())))
     return rows
@@ -296,24 +313,29 @@ def export_source(run:dict, out_dir) -> dict:
 def write_manifests(out_dir, run:dict, val:dict, threshold:float, rule:str, fp:dict, q:dict) -> tuple[dict, dict]:
     "Write `manifest_{family}.json` and `manifest_{family}.int8.json` for the files of `export_fp32` and `export_int8`."
     f, out_dir, y = run['family'], Path(out_dir), val['y']
-    common = dict(model=run['model'], family=f, mean=val['mean'], std=val['std'], threshold=threshold, threshold_rule=rule,
-                  input_size=_input_size(run), class_names=run.get('class_names', CLASS_NAMES), source=export_source(run, out_dir))
+    common = dict(model=run['model'], family=f, mean=val['mean'], std=val['std'], threshold=threshold,
+                  threshold_rule=rule, input_size=_input_size(run),
+                  class_names=run.get('class_names', CLASS_NAMES), source=export_source(run, out_dir))
     fp32 = write_manifest(out_dir/f'manifest_{f}.json', onnx=fp['path'], **common, metrics=manifest_metrics(
-        y, fp['logit'], threshold, parity_max_abs_dlogit_random=fp['parity_random'], parity_max_abs_dlogit_val=fp['parity_val']))
+        y, fp['logit'], threshold, parity_max_abs_dlogit_random=fp['parity_random'],
+        parity_max_abs_dlogit_val=fp['parity_val']))
     int8 = write_manifest(out_dir/f'manifest_{f}.int8.json', onnx=q['path'], **common, quantization=INT8_QUANTIZATION,
-                          metrics=manifest_metrics(y, q['logit'], threshold,
-                                                   max_abs_dlogit_vs_fp32_val=float(np.abs(q['logit'] - fp['logit']).max())))
+                          metrics=manifest_metrics(
+                              y, q['logit'], threshold,
+                              max_abs_dlogit_vs_fp32_val=float(np.abs(q['logit'] - fp['logit']).max())))
     return fp32, int8
 
 # %% ../nbs/07_export.ipynb #e95b3a9e
 def size_rows(family:str, fp:dict, q:dict) -> list[dict]:
     "Rows (family, format, mb): the PyTorch state dict, the ONNX fp32 file and the ONNX INT8 file."
     return [dict(family=family, format=k, mb=v) for k, v in (('PyTorch state_dict', fp['state_dict_mb']),
-                                                              ('ONNX fp32', file_mb(fp['path'])), ('ONNX INT8', file_mb(q['path'])))]
+                                                              ('ONNX fp32', file_mb(fp['path'])),
+                                                              ('ONNX INT8', file_mb(q['path'])))]
 
 # %% ../nbs/07_export.ipynb #1da35348
 def export_run(run:dict, # a training notebook's run json (`run_{family}.json`)
-               out_dir, # the files go here; `threshold_{family}.json`, `predictions_{family}_val.csv` are read from here
+               # the files go here; `threshold_{family}.json`, `predictions_{family}_val.csv` are read from here
+               out_dir,
                data_dir=None, # tiles for validation parity and metrics; None: the run's own `data_dir`
                opset:int=17, # ONNX opset
                threads:int=1, # ONNX Runtime intra-op threads (set PyTorch's with `torch.set_num_threads`)
@@ -330,9 +352,12 @@ def export_run(run:dict, # a training notebook's run json (`run_{family}.json`)
     write_manifests(out_dir, run, val, thr, rule, fp, q)
     result = dict(threshold=thr, rule=rule, n_val=len(val['y']), logit_std_val=float(fp['logit'].std()),
                   int8_max_dlogit=float(np.abs(q['logit'] - fp['logit']).max()), parity_random=fp['parity_random'],
-                  parity_val=fp['parity_val'], vs_training_p=training_agreement(out_dir, run, val['names'], sigmoid(fp['logit']), data_dir))
-    return dict(result=result, sizes=size_rows(f, fp, q), latency=[dict(family=f, **r) for r in fp['latency'] + q['latency']],
-                int8=compare_formats(f, val['y'], fp['torch_logit'], {'ONNX fp32': fp['logit'], 'ONNX INT8': q['logit']}, thr, rule))
+                  parity_val=fp['parity_val'],
+                  vs_training_p=training_agreement(out_dir, run, val['names'], sigmoid(fp['logit']), data_dir))
+    return dict(result=result, sizes=size_rows(f, fp, q),
+                latency=[dict(family=f, **r) for r in fp['latency'] + q['latency']],
+                int8=compare_formats(f, val['y'], fp['torch_logit'],
+                                     {'ONNX fp32': fp['logit'], 'ONNX INT8': q['logit']}, thr, rule))
 
 # %% ../nbs/07_export.ipynb #083d9147
 def pixel_stats(folder, names) -> tuple:
@@ -356,7 +381,8 @@ def expected_threshold(out_dir, family:str) -> tuple:
 
 # %% ../nbs/07_export.ipynb #b9a72bf6
 def audit_manifest(path, mean, std, threshold:tuple) -> None:
-    "Raise a ValueError unless manifest `path` has its file's sha256 (hashlib), `mean` and `std` (to 1e-9), `threshold` (value, rule)."
+    ("Raise a ValueError unless manifest `path` has its file's sha256 "
+     "(hashlib), `mean` and `std` (to 1e-9), `threshold` (value, rule).")
     path = Path(path); m = json.loads(path.read_text())
     with open(path.parent/m['onnx'], 'rb') as fh: digest = hashlib.file_digest(fh, 'sha256').hexdigest()
     bad = [f'{k} {m[k]} != {v}' for k, v, ok in (
@@ -368,7 +394,8 @@ def audit_manifest(path, mean, std, threshold:tuple) -> None:
 
 # %% ../nbs/07_export.ipynb #6f7deb6b
 def audit_export(out_dir, run:dict, data_dir=None) -> dict:
-    "Check both manifests of `run` in `out_dir` against values recomputed from scratch (`audit_manifest`); those values."
+    ("Check both manifests of `run` in `out_dir` against values "
+     "recomputed from scratch (`audit_manifest`); those values.")
     f, folder = run['family'], data_dir or run['data_dir']
     ann = pd.read_csv(Path(folder)/'annotations.csv')
     val_names = set(run_validation_tiles(run, data_dir)['names'])
@@ -376,4 +403,5 @@ def audit_export(out_dir, run:dict, data_dir=None) -> dict:
     mean, std = pixel_stats(folder, train)
     thr = expected_threshold(out_dir, f)
     for name in (f'manifest_{f}.json', f'manifest_{f}.int8.json'): audit_manifest(Path(out_dir)/name, mean, std, thr)
-    return dict(train_tiles=len(train), mean=mean.round(4).tolist(), std=std.round(4).tolist(), threshold=thr[0], rule=thr[1])
+    return dict(train_tiles=len(train), mean=mean.round(4).tolist(), std=std.round(4).tolist(), threshold=thr[0],
+                rule=thr[1])

@@ -44,7 +44,8 @@ def _check(y, p) -> tuple[np.ndarray, np.ndarray]:
     try: p = p.astype(np.float64)
     except (TypeError, ValueError): raise ValueError(f'p must be numeric, got dtype {p.dtype}') from None
     if n := (~np.isfinite(p)).sum(): raise ValueError(f'p contains {n} non-finite value(s) (NaN or inf)')
-    if n := ((p < 0) | (p > 1)).sum(): raise ValueError(f'p contains {n} value(s) outside [0, 1]; pass probabilities, not logits')
+    if n := ((p < 0) | (p > 1)).sum():
+        raise ValueError(f'p contains {n} value(s) outside [0, 1]; pass probabilities, not logits')
     return y.astype(np.int64), p
 
 # %% ../nbs/03_metrics.ipynb #9b166290
@@ -73,7 +74,8 @@ def calibration_table(y, p, n_bins:int=15) -> pd.DataFrame:
     y, p = _check(y, p)
     edges, n, sp, sy = _bins(y, p, n_bins)
     k = n > 0
-    return pd.DataFrame(dict(bin_lo=edges[:-1][k], bin_hi=edges[1:][k], count=n[k], mean_p=sp[k] / n[k], frac_pos=sy[k] / n[k]))
+    return pd.DataFrame(dict(bin_lo=edges[:-1][k], bin_hi=edges[1:][k], count=n[k], mean_p=sp[k] / n[k],
+                             frac_pos=sy[k] / n[k]))
 
 # %% ../nbs/03_metrics.ipynb #5f17dec3
 def _both(y:np.ndarray) -> bool: return 0 < y.sum() < len(y)
@@ -150,7 +152,8 @@ def _auc_rows(Y:np.ndarray, P:np.ndarray) -> np.ndarray:
 _EPS = np.finfo(np.float64).eps
 _ROWS = dict(                                     # row-wise ranking metrics for resample matrices, as scikit-learn's
     auc=_auc_rows,
-    log_loss=lambda Y, P: -np.mean(Y * np.log(P.clip(_EPS, 1 - _EPS)) + (1 - Y) * np.log((1 - P).clip(_EPS, 1 - _EPS)), -1),
+    log_loss=lambda Y, P: -np.mean(Y * np.log(P.clip(_EPS, 1 - _EPS))
+                                   + (1 - Y) * np.log((1 - P).clip(_EPS, 1 - _EPS)), -1),
     brier=lambda Y, P: ((P - Y) ** 2).mean(-1))
 
 # %% ../nbs/03_metrics.ipynb #bda6728e
@@ -169,8 +172,10 @@ def _values(y:np.ndarray, p:np.ndarray, idx:np.ndarray, metrics, threshold:float
 def _check_boot(metrics, n_resamples, confidence, threshold):
     "Validate the bootstrap arguments."
     for m in metrics:
-        if not callable(m) and m not in METRICS: raise ValueError(f'unknown metric {m!r}: use a callable or one of {list(METRICS)}')
-    if int(n_resamples) != n_resamples or n_resamples < 100: raise ValueError(f'n_resamples must be an integer >= 100, got {n_resamples}')
+        if not callable(m) and m not in METRICS:
+            raise ValueError(f'unknown metric {m!r}: use a callable or one of {list(METRICS)}')
+    if int(n_resamples) != n_resamples or n_resamples < 100:
+        raise ValueError(f'n_resamples must be an integer >= 100, got {n_resamples}')
     if not 0 < confidence < 1: raise ValueError(f'confidence must be in (0, 1), got {confidence}')
     if np.isnan(threshold): raise ValueError('threshold is NaN')
 
@@ -248,7 +253,8 @@ THRESHOLD_RULES = ('fixed', 'youden', 'max_f2', 'spec_at_sens', 'cost')
 
 # %% ../nbs/03_metrics.ipynb #0f5494a9
 def _counts_at(y:np.ndarray, p:np.ndarray, t:np.ndarray):
-    "tp, fp, tn, fn of the calls `p >= t` at each threshold of `t`, by binary search in the sorted scores of each class."
+    ("tp, fp, tn, fn of the calls `p >= t` at each threshold of "
+     "`t`, by binary search in the sorted scores of each class.")
     pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
     tp = len(pos) - np.searchsorted(pos, t, side='left')       # searchsorted 'left' counts the scores below t
     fp = len(neg) - np.searchsorted(neg, t, side='left')
@@ -281,7 +287,8 @@ def choose_threshold(y,                      # 0/1 validation labels, 1 = SSA
     "Threshold for the calls `p >= threshold` chosen on labels `y` and probabilities `p` by `rule` (ties: the larger)."
     if rule not in THRESHOLD_RULES: raise ValueError(f'unknown rule {rule!r}: use one of {list(THRESHOLD_RULES)}')
     y, p = _check(y, p)
-    if not _both(y): raise ValueError(f'choosing a threshold needs both classes in y; it holds only {"SSA (1)" if y[0] else "HP (0)"}')
+    if not _both(y): raise ValueError('choosing a threshold needs both classes in y; '
+                                      f'it holds only {"SSA (1)" if y[0] else "HP (0)"}')
     _check_rule_args(rule, target_tpr, cost_fn, cost_fp, fixed)
     if rule == 'fixed': return float(fixed)
     t = np.unique(p)[::-1]                                     # the candidates, largest first
@@ -294,7 +301,8 @@ def choose_threshold(y,                      # 0/1 validation labels, 1 = SSA
 
 # %% ../nbs/03_metrics.ipynb #0af9ad8c
 def threshold_by_roc_curve(y, p, rule:str, target_tpr:float=0.9, cost_fn:float=5.0, cost_fp:float=1.0) -> float:
-    "A rule's threshold recomputed from scikit-learn's roc_curve: its definition over every candidate, ties to the larger."
+    ("A rule's threshold recomputed from scikit-learn's roc_curve: "
+     "its definition over every candidate, ties to the larger.")
     if rule == 'fixed': return 0.5
     y = np.asarray(y)
     fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
@@ -302,17 +310,20 @@ def threshold_by_roc_curve(y, p, rule:str, target_tpr:float=0.9, cost_fn:float=5
     tp, fp, thr = np.rint(tpr[1:] * n_pos), np.rint(fpr[1:] * n_neg), thr[1:]     # less the point that calls nothing
     fn = n_pos - tp
     score = dict(youden=tp / n_pos - fp / n_neg, max_f2=5 * tp / (5 * tp + 4 * fn + fp),
-                 spec_at_sens=(tp / n_pos >= target_tpr - 1e-12).astype(float), cost=-(cost_fn * fn + cost_fp * fp))[rule]
+                 spec_at_sens=(tp / n_pos >= target_tpr - 1e-12).astype(float),
+                 cost=-(cost_fn * fn + cost_fp * fp))[rule]
     return float(thr[np.flatnonzero(score >= score.max() - 1e-12)[0]])      # thresholds fall: the first is the larger
 
 # %% ../nbs/03_metrics.ipynb #51f56156
 def threshold_sweep(y, p, thresholds=None) -> pd.DataFrame:
-    "`threshold_metrics` at each of `thresholds` (default 0, 0.01, ..., 1): a row per threshold, for metric-vs-threshold curves."
+    ("`threshold_metrics` at each of `thresholds` (default 0, 0.01, "
+     "..., 1): a row per threshold, for metric-vs-threshold curves.")
     y, p = _check(y, p)
     t = np.linspace(0, 1, 101) if thresholds is None else np.asarray(_to_numpy(thresholds, 'thresholds'), dtype=float)
     if np.isnan(t).any(): raise ValueError('thresholds contain NaN')
     c = _counts_at(y, p, t)
-    return pd.DataFrame(dict(threshold=t, **dict(zip(('tp', 'fp', 'tn', 'fn'), c)), **_from_counts(*c)))[list(THRESHOLD_METRICS)]
+    return pd.DataFrame(dict(threshold=t, **dict(zip(('tp', 'fp', 'tn', 'fn'), c)),
+                             **_from_counts(*c)))[list(THRESHOLD_METRICS)]
 
 # %% ../nbs/03_metrics.ipynb #0e909378
 def _check_logits(logits, y) -> tuple[np.ndarray, np.ndarray]:

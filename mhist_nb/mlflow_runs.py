@@ -44,7 +44,8 @@ def tracking_enabled() -> bool:
 def notebook_tracking_uri() -> str:
     "The store for an experiment notebook: as `tracking_uri`, but a throw-away SQLite store under `nbdev-test`."
     if os.environ.get('IN_TEST') and not os.environ.get('MLFLOW_TRACKING_URI') and not os.environ.get('MLFLOW_RUN_ID'):
-        return f"sqlite:///{Path(tempfile.mkdtemp(prefix='mhist-mlflow-'))/'mlflow.db'}"   # tests never touch your store
+        # tests never touch your store
+        return f"sqlite:///{Path(tempfile.mkdtemp(prefix='mhist-mlflow-'))/'mlflow.db'}"
     return tracking_uri()
 
 # %% ../nbs/06_mlflow_runs.ipynb #3cc45240
@@ -121,11 +122,14 @@ def check_tracking(uri:str, timeout:float=5.0):
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise TrackingUnavailable(f'MLflow tracking server {uri} refused the credentials (HTTP {e.code}): set '
-                                      'MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MHIST_TRACKING=off') from None
-        raise TrackingUnavailable(f'MLflow tracking server {uri} answered HTTP {e.code} {e.reason}: {TRACKING_WAYS_OUT}') from None
+                                      'MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, '
+                                      'or MHIST_TRACKING=off') from None
+        raise TrackingUnavailable(f'MLflow tracking server {uri} answered HTTP '
+                                  f'{e.code} {e.reason}: {TRACKING_WAYS_OUT}') from None
     except OSError as e:                                   # refused, unknown host, timed out (URLError is an OSError)
         why = getattr(e, 'reason', e)
-        raise TrackingUnavailable(f'MLflow tracking server {uri} is not reachable ({why}; waited at most {timeout:g} s): '
+        raise TrackingUnavailable(f'MLflow tracking server {uri} is not reachable '
+                                  f'({why}; waited at most {timeout:g} s): '
                                   f'{TRACKING_WAYS_OUT}') from None
 
 # %% ../nbs/06_mlflow_runs.ipynb #4ccf4986
@@ -157,7 +161,8 @@ def start_run(client,                 # an `MlflowClient`
 
 # %% ../nbs/06_mlflow_runs.ipynb #ff2d13c8
 def wait_for_tracking(uri:str, patience:float|None=None, poll:float=1.0) -> bool:
-    "Wait up to `patience` s (`MHIST_TRACKING_RECOVERY_S`, default 60) for the tracking server at `uri`; True once it answers."
+    ("Wait up to `patience` s (`MHIST_TRACKING_RECOVERY_S`, default "
+     "60) for the tracking server at `uri`; True once it answers.")
     patience = float(os.environ.get('MHIST_TRACKING_RECOVERY_S', 60)) if patience is None else patience
     t_end = time.monotonic() + patience
     while True:
@@ -168,10 +173,12 @@ def wait_for_tracking(uri:str, patience:float|None=None, poll:float=1.0) -> bool
 
 # %% ../nbs/06_mlflow_runs.ipynb #599b4021
 def finish_run(client, run_id:str, out_nb:Path, ok:bool, mark:Path|None=None, uri:str|None=None) -> bool:
-    "Attach the executed notebook (and HTML) to the run, tag it incomplete if its tracking failed midway (`mark`), close it."
+    ("Attach the executed notebook (and HTML) to the run, tag it "
+     "incomplete if its tracking failed midway (`mark`), close it.")
     from mlflow.entities import RunTag
     failed = json.loads(Path(mark).read_text()) if mark and Path(mark).is_file() else None
-    if failed and uri: wait_for_tracking(uri)              # the server went away during the notebook: give it time to return
+    # the server went away during the notebook: give it time to return
+    if failed and uri: wait_for_tracking(uri)
     def close():
         if failed: client.log_batch(run_id, tags=[RunTag('mhist.tracking', 'incomplete'),
                                                    RunTag('mhist.tracking_failed_while', failed['failed_while'][:500])])
@@ -179,6 +186,7 @@ def finish_run(client, run_id:str, out_nb:Path, ok:bool, mark:Path|None=None, ur
             if f.is_file(): client.log_artifact(run_id, str(f), 'notebook')
         client.set_terminated(run_id, 'FINISHED' if ok else 'FAILED')
         return True
-    done = try_mlflow(f'closing run {run_id}: it stays RUNNING in the store (its notebook is {out_nb})', close, default=False)
+    done = try_mlflow(f'closing run {run_id}: it stays RUNNING in the store (its notebook is {out_nb})', close,
+                      default=False)
     if done and failed: Path(mark).unlink()
     return done

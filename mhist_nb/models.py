@@ -131,7 +131,8 @@ def load_weights(model:nn.Module, path) -> nn.Module:
     problems = _weight_problems(own, sd, head_keys)
     if problems:
         more = f'\n  ... and {len(problems) - 10} more' if len(problems) > 10 else ''
-        raise ValueError(f'{path} does not match the model ({len(problems)} problem(s)):\n  ' + '\n  '.join(problems[:10]) + more)
+        raise ValueError(f'{path} does not match the model ({len(problems)} problem(s)):\n  '
+                         + '\n  '.join(problems[:10]) + more)
     model.load_state_dict(sd, strict=False)
     return model
 
@@ -139,10 +140,12 @@ def load_weights(model:nn.Module, path) -> nn.Module:
 def vit(name:str=VIT_BASE, # a timm model name
         pretrained=False,  # False (random), True (the Hugging Face hub) or a path to a local weights file
         **kw) -> nn.Module:
-    "timm model `name` with a single-logit head; `pretrained` is False, True (hub) or a local weights file; `kw` go to timm."
+    ("timm model `name` with a single-logit head; `pretrained` is "
+     "False, True (hub) or a local weights file; `kw` go to timm.")
     if pretrained is None or pretrained is False: return timm.create_model(name, pretrained=False, num_classes=1, **kw)
     if pretrained is True:
-        if _hub_offline(): raise RuntimeError(f'pretrained=True needs the Hugging Face hub, but HF_HUB_OFFLINE is set; {_local_hint(name)}')
+        if _hub_offline(): raise RuntimeError('pretrained=True needs the Hugging Face hub, '
+                                              f'but HF_HUB_OFFLINE is set; {_local_hint(name)}')
         try: return timm.create_model(name, pretrained=True, num_classes=1, **kw)
         except Exception as e:
             raise RuntimeError(f'could not fetch pretrained weights of {name!r} from the Hugging Face hub '
@@ -154,9 +157,11 @@ def vit(name:str=VIT_BASE, # a timm model name
 
 # %% ../nbs/04_models.ipynb #7e305e10
 def conv_stem(widths=(16, 32, 64, 64), in_chans:int=3) -> nn.Sequential:
-    "Stride-2 3×3 convs + ReLU, each after the first with a per-tile channel norm: a 224 image becomes 14×14 (4 widths)."
+    ("Stride-2 3×3 convs + ReLU, each after the first with a "
+     "per-tile channel norm: a 224 image becomes 14×14 (4 widths).")
     layers, c = [nn.Conv2d(in_chans, widths[0], 3, 2, 1), nn.ReLU(inplace=True)], widths[0]
-    for w in widths[1:]: layers += [nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.GroupNorm(w, w), nn.ReLU(inplace=True)]; c = w
+    for w in widths[1:]:
+        layers += [nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.GroupNorm(w, w), nn.ReLU(inplace=True)]; c = w
     return nn.Sequential(*layers)
 
 # %% ../nbs/04_models.ipynb #c4b6ab2f

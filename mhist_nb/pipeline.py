@@ -55,7 +55,8 @@ def project_notebook(name) -> Path:
     if p.suffix == '.ipynb' and p.is_file(): return p.resolve()
     import mhist_nb
     q = Path(mhist_nb.__file__).resolve().parent.parent/'nbs'/(p.name if p.suffix == '.ipynb' else f'{name}.ipynb')
-    if not q.is_file(): raise FileNotFoundError(f'notebook {name!r} not found (looked in {q.parent}); run from a clone of the repository')
+    if not q.is_file(): raise FileNotFoundError(f'notebook {name!r} not found (looked in '
+                                                f'{q.parent}); run from a clone of the repository')
     return q
 
 # %% ../nbs/30_pipeline.ipynb #7eb7a9a0
@@ -67,7 +68,8 @@ def notebook_key(name) -> str:
 def _parameters_source(path) -> str|None:
     "Source of the first cell tagged `parameters` of the notebook at `path`."
     import nbformat
-    return next((c.source for c in nbformat.read(path, as_version=4).cells if 'parameters' in c.metadata.get('tags', [])), None)
+    return next((c.source for c in nbformat.read(path, as_version=4).cells
+                 if 'parameters' in c.metadata.get('tags', [])), None)
 
 # %% ../nbs/30_pipeline.ipynb #73ad6ddb
 def _annotation(a) -> str:
@@ -88,13 +90,15 @@ def _assignments(src:str) -> dict:
 # %% ../nbs/30_pipeline.ipynb #edff6232
 @functools.lru_cache(maxsize=64)
 def _inspect(path:str, mtime_ns:int) -> dict:
-    "{name: dict(default, type)} of a notebook's `parameters` cell (cached per file version); type 'None' where unannotated."
+    ("{name: dict(default, type)} of a notebook's `parameters` cell "
+     "(cached per file version); type 'None' where unannotated.")
     src = _parameters_source(path)
     if src is None: return {}
     try: return _assignments(src)
     except SyntaxError:                                          # e.g. a magic in the cell: papermill's reading instead
         import papermill as pm
-        return {k: dict(default=v['default'], type=v['inferred_type_name']) for k, v in pm.inspect_notebook(path).items()}
+        return {k: dict(default=v['default'], type=v['inferred_type_name'])
+                for k, v in pm.inspect_notebook(path).items()}
 
 def _declared_params(nb) -> dict:
     p = project_notebook(nb)
@@ -122,7 +126,8 @@ def _type_name(n) -> str|None:
 def _members(n) -> list[str]:
     "Type names that annotation node `n` allows; ValueError for a type not checked here."
     if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr): return _members(n.left) + _members(n.right)
-    if isinstance(n, ast.Constant): return ['None'] if n.value is None else _members(ast.parse(n.value, mode='eval').body)
+    if isinstance(n, ast.Constant):
+        return ['None'] if n.value is None else _members(ast.parse(n.value, mode='eval').body)
     if isinstance(n, ast.Subscript):
         args = n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice]
         if _type_name(n.value) == 'Optional': return _members(args[0]) + ['None']
@@ -134,7 +139,8 @@ def _members(n) -> list[str]:
 
 # %% ../nbs/30_pipeline.ipynb #250a253d
 def type_members(annotation:str) -> list[str]|None:
-    "The types an annotation allows (`'Optional[float]'` → `['float', 'None']`); None when it is absent or not understood."
+    ("The types an annotation allows (`'Optional[float]'` → "
+     "`['float', 'None']`); None when it is absent or not understood.")
     if annotation.strip() in ('', 'None'): return None            # papermill's name for "no annotation"
     try: return _members(ast.parse(annotation, mode='eval').body)
     except (SyntaxError, ValueError, TypeError): return None
@@ -148,7 +154,8 @@ def _convert(v, kind:str):
         if isinstance(v, float) and v.is_integer(): v = int(v)
         if isinstance(v, int): return v
     elif kind == 'float' and isinstance(v, (int, float, str)): return float(v)
-    elif kind == 'bool' and isinstance(v, str) and v.strip().lower() in ('true', 'false'): return v.strip().lower() == 'true'
+    elif kind == 'bool' and isinstance(v, str) and v.strip().lower() in ('true', 'false'):
+        return v.strip().lower() == 'true'
     elif kind == 'list' and isinstance(v, tuple): return list(v)
     elif isinstance(v, _KINDS[kind]): return v
     raise ValueError(kind)
@@ -162,7 +169,8 @@ def coerce(v, annotation:str, none_ok:bool=False):
         if 'None' in kinds or none_ok: return None
         raise ValueError(f'expected {annotation}, got None')
     kinds = [k for k in kinds if k != 'None']
-    for k in kinds:                                                # an exact match first: 'true' stays a str for `bool | str`
+    # an exact match first: 'true' stays a str for `bool | str`
+    for k in kinds:
         if type(v) is _KINDS[k]: return v
     for k in kinds:
         try: return _convert(v, k)
@@ -208,7 +216,8 @@ def check_param(v,                # the value from the parameter file
                 default:str,      # its default as source text: `'None'` allows None
                 where:str,        # how problems name the key (`'11_train_vit.augment'`)
                 problems:list):   # problems found are appended here
-    "`v` typed for parameter `name` (None allowed when the default is None) with its dict keys checked; problems named by `where`."
+    ("`v` typed for parameter `name` (None allowed when the default "
+     "is None) with its dict keys checked; problems named by `where`.")
     try: v = coerce(v, annotation, none_ok=default == 'None')
     except ValueError as e: problems.append(f'{where}: {e}'); return v
     fields = dict_fields(name) if isinstance(v, dict) and v else None
@@ -250,7 +259,8 @@ def _apply_overrides(cfg:dict, overrides:dict|None, problems:list):
 # %% ../nbs/30_pipeline.ipynb #6a31dea3
 def _expand(v, where:str, problems:list):
     "Expand `${VAR}` in every string of `v`; an unset variable is a problem naming the key."
-    if isinstance(v, dict): return {k: _expand(x, f'{where}{k}.' if isinstance(x, dict) else f'{where}{k}', problems) for k, x in v.items()}
+    if isinstance(v, dict):
+        return {k: _expand(x, f'{where}{k}.' if isinstance(x, dict) else f'{where}{k}', problems) for k, x in v.items()}
     if isinstance(v, list): return [_expand(x, where, problems) for x in v]
     if isinstance(v, str) and '$' in v:
         out = os.path.expandvars(v)
@@ -281,7 +291,8 @@ def _check_top_keys(cfg:dict, declared:dict, problems:list):
             problems.append(f'unknown key {k!r} (top-level keys: {list(TOP_KEYS)}; notebook blocks: {list(declared)})')
 
 # %% ../nbs/30_pipeline.ipynb #07b0ed82
-NB_RESERVED = ('timeout',)              # keys of a notebook block that are for the driver, not parameters of the notebook
+# keys of a notebook block that are for the driver, not parameters of the notebook
+NB_RESERVED = ('timeout',)
 
 def _timeout(v, where:str, problems:list):
     "Seconds per cell: a positive integer, or None for no limit."
@@ -330,7 +341,8 @@ def _check_synth(cfg:dict, common:dict, problems:list):
 
 # %% ../nbs/30_pipeline.ipynb #44a223de
 def _check_ranges(cfg:dict, declared:dict, common:dict, problems:list):
-    "Each training notebook's values (its defaults, then `common`, then its block) against its `EXPERIMENTS` declaration."
+    ("Each training notebook's values (its defaults, then `common`, "
+     "then its block) against its `EXPERIMENTS` declaration.")
     for nb, known in declared.items():
         if (cls := EXPERIMENTS.get(nb)) is None: continue
         try: values = {k: ast.literal_eval(d) for k, d in known.items()}
@@ -341,7 +353,8 @@ def _check_ranges(cfg:dict, declared:dict, common:dict, problems:list):
 
 # %% ../nbs/30_pipeline.ipynb #92be51c1
 def load_params(source, overrides:dict|None=None) -> dict:
-    "Read a pipeline parameter file (path or dict), apply dotted `overrides`, check and type every key; return the config."
+    ("Read a pipeline parameter file (path or dict), apply dotted "
+     "`overrides`, check and type every key; return the config.")
     cfg, src = _read_source(source)
     if not isinstance(cfg, dict): raise ParamsError(src, ['the file must hold a mapping of keys to values'])
     problems = []
@@ -356,7 +369,8 @@ def load_params(source, overrides:dict|None=None) -> dict:
     _check_synth(cfg, common, problems)
     if not problems: _check_ranges(cfg, declared, common, problems)      # on typed values only
     if problems: raise ParamsError(src, list(dict.fromkeys(problems)))
-    return dict(cfg, run=run, common=common, name=str(cfg.get('name') or (Path(src).stem if src != '<params>' else 'run')),
+    return dict(cfg, run=run, common=common,
+                name=str(cfg.get('name') or (Path(src).stem if src != '<params>' else 'run')),
                 _declared=declared, _types=types, _source=src)
 
 # %% ../nbs/30_pipeline.ipynb #4980a215
@@ -364,7 +378,8 @@ PATH_KEYS = ('data_dir', 'out_dir', 'pretrained')
 WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.ckpt', '.npz')
 
 def is_weights_path(v) -> bool:
-    "Does a `pretrained` value name a local file (a weights suffix or a folder in it), rather than False/True or a hub name?"
+    ("Does a `pretrained` value name a local file (a weights suffix "
+     "or a folder in it), rather than False/True or a hub name?")
     return (isinstance(v, str) and not v.startswith(('hf-hub:', 'hf_hub:', 'timm/'))
             and (Path(v).suffix.lower() in WEIGHT_SUFFIXES or '/' in v or os.sep in v or v.startswith('~')))
 
@@ -404,7 +419,8 @@ def _failed(c) -> bool:
 
 # %% ../nbs/30_pipeline.ipynb #a172d703
 def to_html(nb_path) -> Path:
-    "Render an executed notebook to its HTML report beside it, without the cells tagged `report-hide` (unless they failed)."
+    ("Render an executed notebook to its HTML report beside it, "
+     "without the cells tagged `report-hide` (unless they failed).")
     import nbformat
     from nbconvert import HTMLExporter
     from traitlets.config import Config
@@ -420,21 +436,25 @@ def to_html(nb_path) -> Path:
 TQDM_WARNING_FILTER = 'ignore:IProgress not found'     # the -W form of the one warning dropped from reports
 
 def kernel_env(extra:dict|None=None) -> dict:
-    "Environment changes (for `_env`) under which a report's kernel runs: no progress bars or tqdm widget warning, then `extra`."
+    ("Environment changes (for `_env`) under which a report's kernel "
+     "runs: no progress bars or tqdm widget warning, then `extra`.")
     warnings = ','.join(w for w in (os.environ.get('PYTHONWARNINGS'), TQDM_WARNING_FILTER) if w)
     return dict(MPLBACKEND=None, TQDM_DISABLE='1', PYTHONWARNINGS=warnings,
-                MLFLOW_LOGGING_LEVEL=os.environ.get('MLFLOW_LOGGING_LEVEL', 'WARNING'), **mlflow_retry_bounds(), **(extra or {}))
+                MLFLOW_LOGGING_LEVEL=os.environ.get('MLFLOW_LOGGING_LEVEL', 'WARNING'), **mlflow_retry_bounds(),
+                **(extra or {}))
 
 # %% ../nbs/30_pipeline.ipynb #a8f0677d
 def _mark_failed(out_nb:Path, ename:str, evalue:str) -> tuple:
-    "Mark the cell that was running in a partial notebook (the last one papermill started) failed; return its index and source."
+    ("Mark the cell that was running in a partial notebook (the last "
+     "one papermill started) failed; return its index and source.")
     import nbformat
     nb = nbformat.read(out_nb, as_version=4)
     started = [i for i, c in enumerate(nb.cells) if c.metadata.get('papermill', {}).get('start_time')]
     if not started: return None, ''
     c = nb.cells[started[-1]]
     c.metadata.papermill.update(status='failed', exception=True)
-    if c.cell_type == 'code': c.outputs.append(nbformat.v4.new_output('error', ename=ename, evalue=evalue, traceback=[f'{ename}: {evalue}']))
+    if c.cell_type == 'code':
+        c.outputs.append(nbformat.v4.new_output('error', ename=ename, evalue=evalue, traceback=[f'{ename}: {evalue}']))
     nb.metadata.setdefault('papermill', {})['exception'] = True
     nbformat.write(nb, out_nb)
     return started[-1], c.source
@@ -448,11 +468,13 @@ def _what_happened(e, timeout) -> str:
     "What a cell timeout or a dead kernel means, for the message."
     from nbclient.exceptions import CellTimeoutError
     return (f"no result within {timeout} s (the timeout is per cell: raise the notebook block's `timeout`)"
-            if isinstance(e, CellTimeoutError) else 'the kernel died (out of memory, a crash in native code, or an exit)')
+            if isinstance(e, CellTimeoutError)
+            else 'the kernel died (out of memory, a crash in native code, or an exit)')
 
 # %% ../nbs/30_pipeline.ipynb #ac7dc6ab
 def _notebook_error(e, key:str, out_nb:Path, timeout) -> NotebookError:
-    "The NotebookError for papermill's failure `e` of notebook `key`; a timed-out or dead cell is marked in the partial notebook."
+    ("The NotebookError for papermill's failure `e` of notebook `key`; "
+     "a timed-out or dead cell is marked in the partial notebook.")
     import papermill as pm
     partial = f'\n  partial notebook: {out_nb}'
     if isinstance(e, pm.PapermillExecutionError):
@@ -460,7 +482,8 @@ def _notebook_error(e, key:str, out_nb:Path, timeout) -> NotebookError:
                              f'{e.exec_count}: {_first_line(e.source)!r}): {e.ename}: {e.evalue}' + partial)
     what = _what_happened(e, timeout)
     i, src = _mark_failed(out_nb, type(e).__name__, what) if out_nb.is_file() else (None, '')
-    return NotebookError(f'{key} failed at cell {i} of {out_nb.name} ({_first_line(src)!r}): {type(e).__name__}: {what}' + partial)
+    return NotebookError(f'{key} failed at cell {i} of {out_nb.name} ({_first_line(src)!r}): {type(e).__name__}: {what}'
+                         + partial)
 
 # %% ../nbs/30_pipeline.ipynb #9038c60c
 def run_notebook(nb,                      # a notebook name (`10_train_mlp`) or a path
@@ -470,7 +493,8 @@ def run_notebook(nb,                      # a notebook name (`10_train_mlp`) or 
                  quiet:bool=False,        # no progress bar
                  env:dict|None=None       # environment variables for the kernel (a None value unsets one)
                 ) -> Path:
-    "Execute notebook `nb` into `out_nb` with `params` (papermill, kernel python3, `timeout` s per cell); render HTML beside it."
+    ("Execute notebook `nb` into `out_nb` with `params` (papermill, "
+     "kernel python3, `timeout` s per cell); render HTML beside it.")
     import papermill as pm, tqdm                                 # tqdm first: see above
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     out_nb = Path(out_nb); out_nb.parent.mkdir(parents=True, exist_ok=True)
@@ -489,15 +513,18 @@ def _data_dir_problem(d) -> str|None:
     "What is wrong with `d` as an MHIST folder (annotations.csv and images/), or None."
     d = Path(d)
     if not d.is_dir(): return f'{d} is not a directory (expected an MHIST folder: annotations.csv and images/)'
-    missing = [n for n, ok in (('annotations.csv', (d/'annotations.csv').is_file()), ('images/', (d/'images').is_dir())) if not ok]
+    missing = [n for n, ok in (('annotations.csv', (d/'annotations.csv').is_file()), ('images/', (d/'images').is_dir()))
+               if not ok]
     return f'{d} is not an MHIST folder: no {" and no ".join(missing)}' if missing else None
 
 # %% ../nbs/30_pipeline.ipynb #78ff7a7e
 def path_problems(params:dict, where) -> list[str]:
-    "Problems with the `data_dir` folder and the `pretrained` file of one notebook's `params`; `where(key)` names a key."
+    ("Problems with the `data_dir` folder and the `pretrained` "
+     "file of one notebook's `params`; `where(key)` names a key.")
     out, d, w = [], params.get('data_dir'), params.get('pretrained')
     if isinstance(d, str) and (p := _data_dir_problem(d)): out.append(f'{where("data_dir")}: {p}')
-    if is_weights_path(w) and not Path(w).expanduser().is_file(): out.append(f'{where("pretrained")}: weights file {w} not found')
+    if is_weights_path(w) and not Path(w).expanduser().is_file():
+        out.append(f'{where("pretrained")}: weights file {w} not found')
     return out
 
 # %% ../nbs/30_pipeline.ipynb #b4e6e699
@@ -506,7 +533,8 @@ def check_paths(cfg:dict):
     problems = []
     for nb in cfg['run']:
         key = notebook_key(nb)
-        problems += path_problems(notebook_params(cfg, nb), lambda k: f'{key}.{k}' if k in (cfg.get(key) or {}) else f'common.{k}')
+        problems += path_problems(notebook_params(cfg, nb),
+                                  lambda k: f'{key}.{k}' if k in (cfg.get(key) or {}) else f'common.{k}')
     if problems: raise ParamsError(cfg.get('_source', '<params>'), list(dict.fromkeys(problems)))
 
 # %% ../nbs/30_pipeline.ipynb #20020bc5
@@ -526,9 +554,11 @@ def _notebook_run(client, uri, cfg:dict, key:str, params:dict, name:str) -> str|
                       f'{name}/{key}', params, tags={'mhist.pipeline': name, 'mhist.notebook': key})
 
 def _run_env(uri, run_id, mark:Path|None=None) -> dict|None:
-    "The kernel's variables that make it log into MLflow run `run_id` (and note a tracking failure in `mark`); None: no run."
+    ("The kernel's variables that make it log into MLflow run "
+     "`run_id` (and note a tracking failure in `mark`); None: no run.")
     if not run_id: return None
-    return dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=run_id, **({'MHIST_TRACKING_INCOMPLETE': str(mark)} if mark else {}))
+    return dict(MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=run_id,
+                **({'MHIST_TRACKING_INCOMPLETE': str(mark)} if mark else {}))
 
 def _incomplete_mark(out:Path, run_id) -> Path|None:
     "Where a notebook's kernel notes that tracking failed midway in run `run_id` (see `finish_run`)."
@@ -543,11 +573,13 @@ def _run_one(cfg:dict, nb, out:Path, name:str, client, uri, quiet:bool):
     if not quiet: print(f'[{name}] {key}' + (f' (MLflow run {run_id})' if run_id else ''), flush=True)
     t0, ok, mark = time.perf_counter(), False, _incomplete_mark(out, run_id)
     try:
-        run_notebook(nb, out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=quiet, env=_run_env(uri, run_id, mark))
+        run_notebook(nb, out_nb, params, timeout=notebook_timeout(cfg, nb), quiet=quiet,
+                     env=_run_env(uri, run_id, mark))
         ok = True
     finally:
         if run_id: finish_run(client, run_id, out_nb, ok, mark, uri)
-        if not quiet: print(f'[{name}] {key} {"done" if ok else "FAILED"} in {time.perf_counter() - t0:.0f} s', flush=True)
+        if not quiet:
+            print(f'[{name}] {key} {"done" if ok else "FAILED"} in {time.perf_counter() - t0:.0f} s', flush=True)
 
 # %% ../nbs/30_pipeline.ipynb #6efde0d9
 def run_pipeline(params_file,                 # a parameter file (path) or its dict
@@ -559,7 +591,8 @@ def run_pipeline(params_file,                 # a parameter file (path) or its d
     "Run every notebook of a parameter file in order into `reports/<name>/`; return that folder."
     cfg = load_params(params_file, overrides)
     name = name or cfg['name']
-    client, uri = tracking_client() if tracking_enabled() else (None, None)      # the server is checked before anything starts
+    # the server is checked before anything starts
+    client, uri = tracking_client() if tracking_enabled() else (None, None)
     ensure_data(cfg, quiet)
     check_paths(cfg)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
@@ -570,7 +603,8 @@ def run_pipeline(params_file,                 # a parameter file (path) or its d
 SM_VARS = ('SM_CHANNEL_TRAINING', 'SM_MODEL_DIR', 'SM_OUTPUT_DATA_DIR')
 
 def _copy_model_files(rep:Path, model_dir:Path):
-    "Copy the checkpoints (`best.pt`) and prediction files (`predictions_*`) of report folder `rep` into `model_dir`, keeping sub-folders."
+    ("Copy the checkpoints (`best.pt`) and prediction files (`predictions_*`) "
+     "of report folder `rep` into `model_dir`, keeping sub-folders.")
     model_dir.mkdir(parents=True, exist_ok=True)
     for f in rep.rglob('*'):
         if f.is_file() and (f.name == 'best.pt' or f.name.startswith('predictions_')):
@@ -579,12 +613,14 @@ def _copy_model_files(rep:Path, model_dir:Path):
 # %% ../nbs/30_pipeline.ipynb #5eaeec35
 def sagemaker_distributed(env:dict, mode:str='auto', port:int=29500) -> dict|None:
     "The `distributed` mapping of this SageMaker instance: every GPU of every instance; None for one process."
-    if mode not in ('auto', 'off'): raise ValueError(f"the distributed hyper-parameter must be 'auto' or 'off', got {mode!r}")
+    if mode not in ('auto', 'off'):
+        raise ValueError(f"the distributed hyper-parameter must be 'auto' or 'off', got {mode!r}")
     hosts, gpus = json.loads(env.get('SM_HOSTS') or '[]'), int(env.get('SM_NUM_GPUS') or 0)
     if mode == 'off' or (len(hosts) <= 1 and gpus <= 1): return None
     d = dict(nproc_per_node=max(gpus, 1))
     if len(hosts) > 1:
-        d.update(nnodes=len(hosts), node_rank=hosts.index(env['SM_CURRENT_HOST']), master_addr=hosts[0], master_port=port)
+        d.update(nnodes=len(hosts), node_rank=hosts.index(env['SM_CURRENT_HOST']), master_addr=hosts[0],
+                 master_port=port)
     return d
 
 # %% ../nbs/30_pipeline.ipynb #bf0ee38f
@@ -597,7 +633,8 @@ def sagemaker_join(trainings:list, d:dict) -> int:
     "On an instance other than the first: join each of the run's `trainings` as node `d['node_rank']`; the exit code."
     from mhist_nb.ddp import launch_torchrun
     for nb in trainings:
-        print(f"joining the training of {nb} as node {d['node_rank']} of {d['nnodes']} (node 0: {d['master_addr']})", flush=True)
+        print(f"joining the training of {nb} as node {d['node_rank']} of {d['nnodes']} (node 0: {d['master_addr']})",
+              flush=True)
         try: launch_torchrun(None, **d)
         except RuntimeError as e: print(f'error: {e}', file=sys.stderr); return 1
     return 0

@@ -11,7 +11,8 @@ from .trainer import Callback
 __all__ = ['PRUNE_STARTUP', 'PRUNE_WARMUP', 'OPTUNA_ENV', 'pruner', 'OptunaPruning', 'pruning_from_env']
 
 # %% ../nbs/06_pruning.ipynb #ba89c310
-PRUNE_STARTUP, PRUNE_WARMUP = 2, 1     # finished trials before pruning starts; epochs every trial runs before it can be pruned
+# finished trials before pruning starts; epochs every trial runs before it can be pruned
+PRUNE_STARTUP, PRUNE_WARMUP = 2, 1
 
 def pruner():
     "The median pruner every process of a sweep uses (the study does not store its pruner: each process builds it)."

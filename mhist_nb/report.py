@@ -11,7 +11,8 @@ from PIL import Image
 from scipy.stats import binomtest
 from sklearn.metrics import roc_curve, precision_recall_curve
 from .metrics import (THRESHOLD_RULES, _resample, choose_threshold, threshold_metrics, threshold_sweep,
-                              metrics_table, ranking_metrics, calibration_table, ece, fit_temperature, apply_temperature)
+                              metrics_table, ranking_metrics, calibration_table, ece, fit_temperature,
+                              apply_temperature)
 from .core import CLASS_NAMES
 from .mlflow_runs import try_mlflow
 
@@ -28,7 +29,8 @@ __all__ = ['PALETTE', 'PREDICTION_COLUMNS', 'INTERVAL_METRICS', 'COUNTS', 'GRID'
 
 # %% ../nbs/08_report.ipynb #ed61fc47
 def file_audit(data_dir, names) -> pd.DataFrame:
-    "Tiles and mean file size (KiB) per (format, mode, size) of the files `names` in `data_dir/images`, from their headers."
+    ("Tiles and mean file size (KiB) per (format, mode, size) of "
+     "the files `names` in `data_dir/images`, from their headers.")
     def header(n):
         f = Path(data_dir) / 'images' / n
         with Image.open(f) as im: return im.format, im.mode, f'{im.size[0]}x{im.size[1]}', f.stat().st_size / 1024
@@ -103,14 +105,16 @@ def plot_channel_histograms(hist, mean, std, figsize=(7, 3.5)) -> plt.Figure:
 PREDICTION_COLUMNS = ('name', 'y', 'votes', 'logit', 'p')
 
 def read_family(out_dir, family:str, splits=('val', 'test')) -> dict|None:
-    "{split: predictions, 'run': run json or {}} of `family` in `out_dir`; None, with a note, if a prediction file is missing."
+    ("{split: predictions, 'run': run json or {}} of `family` in "
+     "`out_dir`; None, with a note, if a prediction file is missing.")
     out_dir = Path(out_dir)
     files = {s: out_dir / f'predictions_{family}_{s}.csv' for s in splits}
     if missing := [f.name for f in files.values() if not f.is_file()]:
         print(f'{family}: skipped, no {", ".join(missing)} in {out_dir}'); return None
     d = {s: pd.read_csv(f) for s, f in files.items()}
     for s, df in d.items():
-        if lost := [c for c in PREDICTION_COLUMNS if c not in df.columns]: raise ValueError(f'{files[s]} lacks column(s) {lost}')
+        if lost := [c for c in PREDICTION_COLUMNS if c not in df.columns]:
+            raise ValueError(f'{files[s]} lacks column(s) {lost}')
     run = out_dir / f'run_{family}.json'
     return dict(d, run=json.loads(run.read_text()) if run.is_file() else {})
 
@@ -125,7 +129,8 @@ INTERVAL_METRICS = ('sensitivity', 'specificity', 'ppv', 'npv', 'f1', 'f2', 'bal
 COUNTS = ('tp', 'fp', 'tn', 'fn')
 
 def rules_table(y, p, thresholds:dict, metrics=INTERVAL_METRICS, n_resamples:int=1000, seed:int=0) -> pd.DataFrame:
-    "A row per rule of `thresholds`: its threshold, each of `metrics` with bootstrap `_low` and `_high`, and the counts."
+    ("A row per rule of `thresholds`: its threshold, each of "
+     "`metrics` with bootstrap `_low` and `_high`, and the counts.")
     rows = []
     for r, t in thresholds.items():
         tab = metrics_table(y, p, threshold=t, metrics=tuple(metrics) + COUNTS, n_resamples=n_resamples, seed=seed)
@@ -192,7 +197,8 @@ def _rule_points(roc_ax, pr_ax, table:pd.DataFrame):
 # %% ../nbs/08_report.ipynb #b40f9523
 def plot_roc_pr(y, p, table:pd.DataFrame|None=None, title:str='', n_resamples:int=1000, seed:int=0,
                 figsize=(10, 4.2)) -> plt.Figure:
-    "ROC and precision-recall curves with bootstrap bands, and the operating point of each row of `table` (`rules_table`)."
+    ("ROC and precision-recall curves with bootstrap bands, and "
+     "the operating point of each row of `table` (`rules_table`).")
     y, p = np.asarray(y), np.asarray(p)
     roc_band, pr_band = curve_bands(y, p, n_resamples, seed)
     rank = ranking_metrics(y, p)
@@ -210,7 +216,8 @@ def plot_roc_pr(y, p, table:pd.DataFrame|None=None, title:str='', n_resamples:in
 SWEEP_METRICS = ('sensitivity', 'specificity', 'f2', 'balanced_accuracy')
 
 def plot_sweep(y, p, thresholds:dict, target_tpr:float|None=None, title:str='', figsize=(8, 4.2)) -> plt.Figure:
-    "SWEEP_METRICS against the threshold on labels `y` and probabilities `p`, with each rule's threshold of `thresholds`."
+    ("SWEEP_METRICS against the threshold on labels `y` and "
+     "probabilities `p`, with each rule's threshold of `thresholds`.")
     sw = threshold_sweep(y, p, np.linspace(0, 1, 201))
     fig, ax = plt.subplots(figsize=figsize)
     for m in SWEEP_METRICS: ax.plot(sw.threshold, sw[m], lw=1.8, label=m)
@@ -223,7 +230,8 @@ def plot_sweep(y, p, thresholds:dict, target_tpr:float|None=None, title:str='', 
 
 # %% ../nbs/08_report.ipynb #906144b3
 def temperature_scaling(val:pd.DataFrame, test:pd.DataFrame, **rule_kw) -> dict:
-    "`T` fitted on `val`'s logits, both splits' scaled probabilities, and every rule's threshold on the scaled validation."
+    ("`T` fitted on `val`'s logits, both splits' scaled probabilities, "
+     "and every rule's threshold on the scaled validation.")
     T = fit_temperature(val.logit, val.y)
     p_val, p_test = apply_temperature(val.logit, T), apply_temperature(test.logit, T)
     return dict(T=T, p_val=p_val, p_test=p_test, rules=rule_thresholds(val.y, p_val, **rule_kw))
@@ -241,7 +249,8 @@ def plot_reliability(y, p, p_scaled, T:float, title:str='', n_bins:int=10, figsi
     for name, q in (('before', p), (f'after, T = {T:.2f}', p_scaled)):
         cal = calibration_table(y, q, n_bins=n_bins)
         line, = ax.plot(cal.mean_p, cal.frac_pos, lw=1.5, label=f'{name} (ECE {ece(y, q, n_bins=n_bins):.3f})')
-        ax.scatter(cal.mean_p, cal.frac_pos, s=10 + 120 * cal['count'] / cal['count'].max(), color=line.get_color(), zorder=3)
+        ax.scatter(cal.mean_p, cal.frac_pos, s=10 + 120 * cal['count'] / cal['count'].max(), color=line.get_color(),
+                   zorder=3)
     ax.set(xlabel='mean predicted probability of SSA', ylabel='fraction SSA', xlim=(0, 1), ylim=(0, 1),
            title=_titled(title, 'reliability (marker size ~ tiles)'))
     ax.legend(fontsize=8, loc='upper left'); fig.tight_layout()
@@ -263,10 +272,12 @@ def plot_votes(g:pd.DataFrame, title:str='', figsize=(7, 3.8)) -> plt.Figure:
     fig, ax = plt.subplots(figsize=figsize)
     ax.bar(g.index, g.error_rate.fillna(0), color=np.where(g.index > majority, 'tab:red', 'tab:blue'))
     for v, row in g.iterrows():
-        ax.annotate(f'{int(row.errors)}/{int(row.tiles)}', (v, np.nan_to_num(row.error_rate)), ha='center', va='bottom', fontsize=8)
+        ax.annotate(f'{int(row.errors)}/{int(row.tiles)}', (v, np.nan_to_num(row.error_rate)), ha='center', va='bottom',
+                    fontsize=8)
     ax.axvline(majority, c='k', lw=1, ls=':')
     ax.set(xlabel='pathologists who called the tile SSA     (blue: HP by majority, red: SSA)', ylabel='error rate',
-           xticks=g.index, ylim=(0, min(1.0, np.nan_to_num(g.error_rate).max() * 1.25 + 0.05)), title=_titled(title, 'errors'))
+           xticks=g.index, ylim=(0, min(1.0, np.nan_to_num(g.error_rate).max() * 1.25 + 0.05)),
+           title=_titled(title, 'errors'))
     fig.tight_layout()
     return fig
 
@@ -285,24 +296,31 @@ def threshold_manifest(family:str,             # the model family, e.g. 'vit'
     row = table.loc[rule]
     return dict(family=family, model=run.get('model'), run_id=run.get('run_id'), rule=rule, threshold=rules[rule],
                 applies_to='p', target_tpr=target_tpr, cost_fn=cost_fn, cost_fp=cost_fp, rules=rules,
-                rules_scaled=scaling['rules'], temperature=scaling['T'], val=threshold_metrics(val.y, val.p, rules[rule]),
-                test={m: dict(estimate=float(row[m]), low=float(row[f'{m}_low']), high=float(row[f'{m}_high'])) for m in metrics},
+                rules_scaled=scaling['rules'], temperature=scaling['T'],
+                val=threshold_metrics(val.y, val.p, rules[rule]),
+                test={m: dict(estimate=float(row[m]), low=float(row[f'{m}_low']), high=float(row[f'{m}_high']))
+                      for m in metrics},
                 test_counts={c: int(row[c]) for c in COUNTS}, n_val=len(val), n_test=int(sum(row[c] for c in COUNTS)),
                 n_resamples=n_resamples, seed=seed, synthetic=bool(run.get('synthetic', False)))
 
 # %% ../nbs/08_report.ipynb #b192ab42
-def log_to_run(run:dict, files=(), figures:dict|None=None, metrics:dict|None=None, artifact_path:str='threshold') -> bool:
-    "Add `files`, `figures` ({file name: figure}) and `metrics` to the MLflow run of run json `run`; False (warned) on failure."
-    import mlflow                                      # here: mlflow and mhist_nb.tracking (torch) take seconds to import
+def log_to_run(run:dict, files=(), figures:dict|None=None, metrics:dict|None=None,
+               artifact_path:str='threshold') -> bool:
+    ("Add `files`, `figures` ({file name: figure}) and `metrics` to "
+     "the MLflow run of run json `run`; False (warned) on failure.")
+    # here: mlflow and mhist_nb.tracking (torch) take seconds to import
+    import mlflow
     from mlflow.entities import Metric
     rid, uri = run.get('run_id'), run.get('tracking_uri')
     client = try_mlflow(f'opening the store {uri}', mlflow.MlflowClient, uri)
     if not rid or client is None or try_mlflow(f'finding run {rid}', client.get_run, rid) is None: return False
     done = lambda what, fn, *args: try_mlflow(f'{what} in run {rid}', lambda: fn(*args) or True, default=False)
     ok = [done(f'logging {Path(f).name}', client.log_artifact, rid, str(f), artifact_path) for f in files]
-    ok += [done(f'logging {n}', client.log_figure, rid, fig, f'{artifact_path}/{n}') for n, fig in (figures or {}).items()]
+    ok += [done(f'logging {n}', client.log_figure, rid, fig, f'{artifact_path}/{n}')
+           for n, fig in (figures or {}).items()]
     ts = int(time.time() * 1000)
-    if metrics: ok.append(done('logging metrics', client.log_batch, rid, [Metric(k, float(v), ts, 0) for k, v in metrics.items()]))
+    if metrics: ok.append(done('logging metrics', client.log_batch, rid,
+                               [Metric(k, float(v), ts, 0) for k, v in metrics.items()]))
     return all(ok)
 
 # %% ../nbs/08_report.ipynb #2e3f784b
@@ -331,9 +349,12 @@ def rule_description(rule:str, target_tpr:float=0.9, cost_fn:float=5.0, cost_fp:
 # %% ../nbs/08_report.ipynb #e187ea1f
 def target_sentence(val_sensitivity:float, row, target_tpr:float) -> str:
     "Whether `spec_at_sens`'s validation sensitivity target held on test (`row`: a `rules_table` row)."
-    met = ('met.' if row.sensitivity >= target_tpr else 'missed' + (', though within the interval.' if row.sensitivity_high >= target_tpr
-           else ' and outside the interval: a threshold tuned on a small validation split does not carry over exactly.'))
-    return f'Validation sensitivity at this threshold was {val_sensitivity:.3f} (target {target_tpr:g}); on test the target is {met}'
+    met = ('met.' if row.sensitivity >= target_tpr
+           else 'missed' + (', though within the interval.' if row.sensitivity_high >= target_tpr
+           else ' and outside the interval: a threshold tuned on a '
+                'small validation split does not carry over exactly.'))
+    return (f'Validation sensitivity at this threshold was {val_sensitivity:.3f} '
+            f'(target {target_tpr:g}); on test the target is {met}')
 
 # %% ../nbs/08_report.ipynb #20b09d9d
 def shift_sentence(table:pd.DataFrame, rule:str, would:bool=False) -> str:
@@ -344,15 +365,18 @@ def shift_sentence(table:pd.DataFrame, rule:str, would:bool=False) -> str:
     more = lambda d: 'more' if d >= 0 else 'fewer'
     return (f"{'Lowering' if at.threshold < base.threshold else 'Raising'} the threshold from {base.threshold:g} to "
             f"{at.threshold:.3f}{f' (as `{rule}` would)' if would else ''} moves sensitivity {base.sensitivity:.3f} → "
-            f'{at.sensitivity:.3f} and specificity {base.specificity:.3f} → {at.specificity:.3f}: {abs(d_tp)} SSA tile(s) '
+            f'{at.sensitivity:.3f} and specificity {base.specificity:.3f} '
+            f'→ {at.specificity:.3f}: {abs(d_tp)} SSA tile(s) '
             f'{more(d_tp)} caught of {int(at.tp + at.fn)}, for {abs(d_fp)} HP tile(s) {more(d_fp)} called SSA of '
             f'{int(at.tn + at.fp)}; PPV {base.ppv:.3f} → {at.ppv:.3f}.')
 
 # %% ../nbs/08_report.ipynb #4c286be5
 def temperature_sentence(T:float, ece_before:float, ece_after:float, tolerance:float=0.1) -> str:
     "What temperature `T` (fitted on validation) says about the probabilities, and the test ECE before and after it."
-    conf = 'over-confident' if T > 1 + tolerance else 'under-confident' if T < 1 - tolerance else 'close to calibrated already'
-    return (f'Temperature {T:.2f} fitted on validation (probabilities {conf}); test ECE {ece_before:.3f} → {ece_after:.3f}, '
+    conf = ('over-confident' if T > 1 + tolerance else 'under-confident' if T < 1 - tolerance
+            else 'close to calibrated already')
+    return (f'Temperature {T:.2f} fitted on validation (probabilities '
+            f'{conf}); test ECE {ece_before:.3f} → {ece_after:.3f}, '
             'with the same calls at every rule.')
 
 def votes_sentence(g:pd.DataFrame) -> str:
@@ -364,10 +388,12 @@ def votes_sentence(g:pd.DataFrame) -> str:
 
 # %% ../nbs/08_report.ipynb #71ef9a41
 def threshold_conclusion(manifest:dict, table:pd.DataFrame, ece_test:tuple, votes:pd.DataFrame|None=None) -> str:
-    "Markdown on one family's threshold study from its manifest, `rules_table` on test, test ECE (before, after), votes."
+    ("Markdown on one family's threshold study from its manifest, "
+     "`rules_table` on test, test ECE (before, after), votes.")
     m, rule = manifest, manifest['rule']
     at, how = table.loc[rule], rule_description(rule, m['target_tpr'], m['cost_fn'], m['cost_fp'])
-    lines = [f"**{m['family']}** ({m['model'] or 'model'}): rule `{rule}` ({how}) gives threshold **{m['threshold']:.3f}**.",
+    lines = [f"**{m['family']}** ({m['model'] or 'model'}): rule `{rule}` "
+             f"({how}) gives threshold **{m['threshold']:.3f}**.",
              '* On test: ' + ', '.join(f'{name} {ci_text(at, k)}' for name, k in (('sensitivity', 'sensitivity'),
              ('specificity', 'specificity'), ('PPV', 'ppv'), ('balanced accuracy', 'balanced_accuracy'))) + '.']
     if rule == 'spec_at_sens': lines.append('* ' + target_sentence(m['val']['sensitivity'], at, m['target_tpr']))
@@ -383,21 +409,24 @@ def ranking_table(y, probs:dict, n_resamples:int=1000, seed:int=0) -> pd.DataFra
     rows = {}
     for name, p in probs.items():
         t = metrics_table(y, p, metrics=('auc', 'ap'), n_resamples=n_resamples, seed=seed)
-        rows[name] = {f'{m}{end}': t.loc[m, col] for m in ('auc', 'ap') for end, col in (('', 'estimate'), ('_low', 'low'), ('_high', 'high'))}
+        rows[name] = {f'{m}{end}': t.loc[m, col] for m in ('auc', 'ap')
+                      for end, col in (('', 'estimate'), ('_low', 'low'), ('_high', 'high'))}
     return pd.DataFrame(rows).T.astype(float)
 
 # %% ../nbs/08_report.ipynb #333e83ff
 def plot_auc_intervals(rank:pd.DataFrame, figsize=None) -> plt.Figure:
     "Each model's AUC of `ranking_table` with its interval, against the 0.5 of a random ranking."
     fig, ax = plt.subplots(figsize=figsize or (6, 1 + 0.6 * len(rank)))
-    ax.errorbar(rank.auc, range(len(rank)), xerr=[rank.auc - rank.auc_low, rank.auc_high - rank.auc], fmt='o', capsize=4)
+    ax.errorbar(rank.auc, range(len(rank)), xerr=[rank.auc - rank.auc_low, rank.auc_high - rank.auc], fmt='o',
+                capsize=4)
     ax.set_yticks(range(len(rank)), rank.index); ax.axvline(0.5, color='grey', ls=':')
     ax.set(xlabel='test ROC-AUC (95% bootstrap CI)', title='Ranking quality on test')
     return fig
 
 # %% ../nbs/08_report.ipynb #d6d6ab27
 def cost_table(runs:dict) -> pd.DataFrame:
-    "Model, parameter count and training seconds of each run json of `runs` ({family: run}); 'n/a' and NaN where unknown."
+    ("Model, parameter count and training seconds of each run json "
+     "of `runs` ({family: run}); 'n/a' and NaN where unknown.")
     secs = lambda r: float('nan') if r.get('train_seconds') is None else round(float(r['train_seconds']), 1)
     return pd.DataFrame({f: dict(model=r.get('model'), train_seconds=secs(r),
                                  parameters=f"{int(float(r['params'])):,}" if r.get('params') else 'n/a')
@@ -405,7 +434,8 @@ def cost_table(runs:dict) -> pd.DataFrame:
 
 # %% ../nbs/08_report.ipynb #c74d12f2
 def randomisation_row(rho, max_rho:float=0.5, checked:bool=True) -> dict:
-    "One method's randomisation check from per-tile Spearman rho (NaN: a constant map): median, range, constant maps, passed."
+    ("One method's randomisation check from per-tile Spearman rho "
+     "(NaN: a constant map): median, range, constant maps, passed.")
     rho = np.asarray(rho, dtype=float)
     ok = rho[np.isfinite(rho)]
     med, lo, hi = (float(f(ok)) if len(ok) else float('nan') for f in (np.median, np.min, np.max))
@@ -417,20 +447,23 @@ def wall_share_row(mass, random_mass, area) -> dict:
     "Medians of the wall mass share, area share and their ratio (trained and random weights), and the paired sign test."
     mass, random_mass, area = (np.asarray(a, dtype=float) for a in (mass, random_mass, area))
     higher = int((mass > random_mass).sum())
-    return dict(mass_share=float(np.median(mass)), area_share=float(np.median(area)), ratio=float(np.median(mass / area)),
+    return dict(mass_share=float(np.median(mass)), area_share=float(np.median(area)),
+                ratio=float(np.median(mass / area)),
                 random_ratio=float(np.median(random_mass / area)), higher=higher, tiles=len(mass),
                 sign_p=float(binomtest(higher, len(mass)).pvalue))
 
 # %% ../nbs/08_report.ipynb #0d191e2d
 def method_sentence(method:str, r:dict, w:dict|None=None, max_rho:float=0.5) -> str:
     "One method's randomisation check (`r`: `randomisation_row`) and, when measured, its crypt-wall share (`w`)."
-    s = (f'{method.replace("_", " ")}: median ρ {r["median_rho"]:.2f} between the maps of the trained and the random-weight '
+    s = (f'{method.replace("_", " ")}: median ρ {r["median_rho"]:.2f} '
+         'between the maps of the trained and the random-weight '
          f'model, so it **{"passes" if r["passed"] else "fails"}** the check (ρ ≤ {max_rho:g}'
          + ('' if r['checked'] else '; reported, not asserted') + ')')
     if r['constant_maps']: s += f", {r['constant_maps']} constant map(s) left out"
     if w is not None:
         s += (f"; {w['mass_share']:.0%} of its mass lies on crypt walls that cover {w['area_share']:.0%} of the tile "
-              f"(ratio {w['ratio']:.2f}, random weights {w['random_ratio']:.2f}; more than random on {int(w['higher'])} of "
+              f"(ratio {w['ratio']:.2f}, random weights {w['random_ratio']:.2f}; "
+              f"more than random on {int(w['higher'])} of "
               f"{int(w['tiles'])} tiles, sign test p = {w['sign_p']:.2g})")
     return s + '.'
 
@@ -445,13 +478,16 @@ def wall_verdict(checks:dict, walls:dict, alpha:float=0.05) -> str:
     if not ok: return 'None of its maps passes the randomisation check, so none says where it looks.'
     side = lambda w: None if w['sign_p'] >= alpha else 'more' if w['higher'] > w['tiles'] / 2 else 'less'
     groups = {k: [m.replace('_', ' ') for m in ok if side(walls[m]) == k] for k in WALL_SIDES}
-    return ('Of the maps that pass the check, ' + '; '.join(f"{' and '.join(ms)}: {WALL_SIDES[k]}" for k, ms in groups.items() if ms)
+    return ('Of the maps that pass the check, '
+            + '; '.join(f"{' and '.join(ms)}: {WALL_SIDES[k]}" for k, ms in groups.items() if ms)
             + f' (a paired sign test over the gallery at p < {alpha:g} decides).')
 
 # %% ../nbs/08_report.ipynb #43ef6028
 def method_summary(r:dict, rho, seconds:float, w:dict|None=None) -> dict:
-    "One model and method's entry of explain_summary.json: the check with per-tile rho (None for NaN), time, wall share."
+    ("One model and method's entry of explain_summary.json: the "
+     "check with per-tile rho (None for NaN), time, wall share.")
     nan_none = lambda v: None if not np.isfinite(v) else float(v)
     d = dict(median_rho=nan_none(r['median_rho']), rho=[nan_none(v) for v in np.asarray(rho, dtype=float)],
-             checked=bool(r['checked']), passed=bool(r['passed']), constant_maps=int(r['constant_maps']), seconds=round(seconds, 2))
+             checked=bool(r['checked']), passed=bool(r['passed']), constant_maps=int(r['constant_maps']),
+             seconds=round(seconds, 2))
     return d if w is None else dict(d, crypt_walls={k: float(v) for k, v in w.items()})

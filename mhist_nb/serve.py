@@ -28,7 +28,8 @@ def check_manifest(m:dict, where) -> None:
     missing = [k for k in MANIFEST_REQUIRED if k not in m]
     if missing: raise _bad(where, f'manifest lacks required key(s) {missing}')
     i, o = m['input'], m['output']
-    if not (isinstance(i, dict) and {'name', 'shape', 'dtype'} <= set(i) and len(i['shape']) == 4 and i['shape'][1] == 3):
+    if not (isinstance(i, dict) and {'name', 'shape', 'dtype'} <= set(i) and len(i['shape']) == 4
+            and i['shape'][1] == 3):
         raise _bad(where, f"input must be {{name, shape [N, 3, H, W], dtype}}, got {i!r}")
     if not (isinstance(o, dict) and {'name', 'activation', 'positive_class'} <= set(o)):
         raise _bad(where, f"output must be {{name, activation, positive_class}}, got {o!r}")
@@ -38,13 +39,16 @@ def check_manifest(m:dict, where) -> None:
             raise _bad(where, f'{k} must be 3 numbers (R, G, B), got {v!r}')
     if min(m['std']) <= 0: raise _bad(where, f"std must be positive, got {m['std']}")
     if len(m['class_names']) != 2 or o['positive_class'] not in m['class_names']:
-        raise _bad(where, f"class_names must be two names including positive_class {o['positive_class']!r}, got {m['class_names']}")
+        raise _bad(where,
+                   "class_names must be two names including positive_class "
+                   f"{o['positive_class']!r}, got {m['class_names']}")
     t = m['threshold']
     if not (isinstance(t, (int, float)) and 0 <= t <= 1): raise _bad(where, f'threshold must be in [0, 1], got {t!r}')
 
 # %% ../nbs/20_serve.ipynb #13475499
 def read_manifest(path, verify:bool=True) -> dict:
-    "Read and check the manifest `path`; with `verify` the model file must exist with the recorded sha256. Adds `onnx_path`."
+    ("Read and check the manifest `path`; with `verify` the model "
+     "file must exist with the recorded sha256. Adds `onnx_path`.")
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'manifest not found: {path}')
     try: m = json.loads(path.read_text())
@@ -102,10 +106,12 @@ def decode_image(data:bytes, size:int=224, resize:str='reject') -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter('error', Image.DecompressionBombWarning)
         try: im = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e: raise ImageError(f'too many pixels: {e}', 413) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(f'too many pixels: {e}', 413) from None
         except Exception as e: raise ImageError(f'not an image Pillow can read ({type(e).__name__})') from None
         with im:
-            if im.format not in ACCEPTED_FORMATS: raise ImageError(f'image format {im.format} is not accepted (use {"/".join(ACCEPTED_FORMATS)})')
+            if im.format not in ACCEPTED_FORMATS:
+                raise ImageError(f'image format {im.format} is not accepted (use {"/".join(ACCEPTED_FORMATS)})')
             if im.mode != 'RGB': raise ImageError(f'image mode {im.mode} is not 8-bit RGB (a tile is an RGB image)')
             w, h = im.size
             if resize == 'reject' and (w, h) != (size, size):
@@ -113,8 +119,10 @@ def decode_image(data:bytes, size:int=224, resize:str='reject') -> np.ndarray:
             if resize == 'center-crop' and min(w, h) < size:
                 raise ImageError(f'image is {w}x{h} pixels, too small to crop a {size}x{size} tile from its centre')
             try: im.load()
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e: raise ImageError(f'too many pixels: {e}', 413) from None
-            except Exception as e: raise ImageError(f'the image data is truncated or corrupt ({type(e).__name__}: {e})') from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise ImageError(f'too many pixels: {e}', 413) from None
+            except Exception as e:
+                raise ImageError(f'the image data is truncated or corrupt ({type(e).__name__}: {e})') from None
             if (w, h) != (size, size):
                 if resize == 'center-crop':
                     l, t = (w - size) // 2, (h - size) // 2
@@ -170,7 +178,8 @@ def occlusion_map(manifest:dict,               # the model's manifest (normalisa
         drop[i:i + len(chunk)] = p0 - sigmoid(onnx_logits(session, xb))
         spent, done = time.perf_counter() - t0, i + len(chunk)
         if budget_s is not None and done < len(boxes) and spent * len(boxes) / done > budget_s:
-            raise ExplainTimeout(f'an occlusion map of {len(boxes)} patches would take about {spent * len(boxes) / done:.1f} s, '
+            raise ExplainTimeout(f'an occlusion map of {len(boxes)} patches would '
+                                 f'take about {spent * len(boxes) / done:.1f} s, '
                                  f'over the budget of {budget_s:g} s: use a larger stride, or the INT8 model')
     return dict(map=drop.reshape(len(tops), len(lefts)), p_ssa=p0, patch=patch, stride=stride,
                 seconds=round(time.perf_counter() - t0, 4))
@@ -187,7 +196,8 @@ def manifest_paths(models) -> list[Path]:
     for p in map(Path, models):
         if p.is_dir():
             found = sorted(p.glob('manifest_*.json'))
-            if not found: raise ModelError(f'no manifest_*.json in {p} (run the pipeline, e.g. make demo, or point at its reports folder)')
+            if not found: raise ModelError(f'no manifest_*.json in {p} (run the pipeline, '
+                                           'e.g. make demo, or point at its reports folder)')
             out += found
         elif p.is_file(): out.append(p)
         else: raise ModelError(f'model folder or manifest not found: {p}')
@@ -201,7 +211,8 @@ def model_name(manifest_path) -> str:
 
 # %% ../nbs/20_serve.ipynb #1efd9150
 def _open_models(models, threads:int|None=None) -> dict:
-    "Model name -> (manifest with its `path`, session) for every manifest of `models`; a ModelError naming a file that fails."
+    ("Model name -> (manifest with its `path`, session) for every "
+     "manifest of `models`; a ModelError naming a file that fails.")
     out = {}
     for p in manifest_paths(models):
         name = model_name(p)
@@ -209,7 +220,8 @@ def _open_models(models, threads:int|None=None) -> dict:
         try: m, s = open_model(p, threads)
         except (ValueError, FileNotFoundError) as e: raise ModelError(str(e)) from None
         except Exception as e:                                 # ONNX Runtime cannot load the file
-            raise ModelError(f'{p}: the model file cannot be loaded by ONNX Runtime ({type(e).__name__}: {e})') from None
+            raise ModelError(f'{p}: the model file cannot be loaded by ONNX '
+                             f'Runtime ({type(e).__name__}: {e})') from None
         out[name] = ({**m, 'path': str(p)}, s)
     return out
 
@@ -220,7 +232,8 @@ def _image_list(images) -> list:
     return [images] if one else images
 
 def _tile(im, size:int, resize:str, index:int) -> np.ndarray:
-    "Image `index` of a request (bytes, or a decoded tile) as a uint8 tile; an `ImageError` raised here knows its `index`."
+    ("Image `index` of a request (bytes, or a decoded tile) as a "
+     "uint8 tile; an `ImageError` raised here knows its `index`.")
     if not isinstance(im, (bytes, bytearray)): return np.asarray(im, np.uint8)
     try: return decode_image(bytes(im), size, resize)
     except ImageError as e: e.index = index; raise
@@ -261,7 +274,8 @@ class Predictor:
                 for n, (m, _) in self.models.items()]
 
     def predict(self, images, models='both') -> list[dict]:
-        "Per image, per model: label, p_ssa, logit, threshold, rule, model, version, timings_ms. Images: bytes or uint8 tiles."
+        ("Per image, per model: label, p_ssa, logit, threshold, rule, "
+         "model, version, timings_ms. Images: bytes or uint8 tiles.")
         names, images, t0 = self.names(models), _image_list(images), time.perf_counter()
         size = {n: self.models[n][0]['input']['shape'][2] for n in names}
         tiles = {k: np.stack([_tile(im, k, self.resize, i) for i, im in enumerate(images)]) for k in set(size.values())}
@@ -275,4 +289,5 @@ class Predictor:
         if name not in self.models: raise KeyError(f'unknown model {name!r}; available: {list(self.models)}')
         m, s = self.models[name]
         r = occlusion_map(m, s, _tile(image, m['input']['shape'][2], self.resize, 0), patch, stride, budget_s=budget_s)
-        return dict(model=name, label=m['class_names'][int(r['p_ssa'] >= m['threshold'])], threshold=m['threshold'], **r)
+        return dict(model=name, label=m['class_names'][int(r['p_ssa'] >= m['threshold'])], threshold=m['threshold'],
+                    **r)

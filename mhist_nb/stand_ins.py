@@ -19,9 +19,10 @@ __all__ = ['SIMULATED_FAMILIES', 'DEMO_SSA_SHARE', 'DEMO_MODELS', 'STANDINS', 'w
            'write_explain_standins']
 
 # %% ../nbs/09_stand_ins.ipynb #4aa6da81
-SIMULATED_FAMILIES = dict(mlp=dict(sep=0.3, scale=2.4, bias=-1.0),   # the demo's simulated predictors (not models):
-                          vit=dict(sep=0.5, scale=2.0, bias=-1.2))   # logit = scale * (sep * (votes - 3.5) + noise) + bias;
-                                                                     # test AUC about 0.8 and 0.9
+# the demo's simulated predictors (not models): logit = scale * (sep * (votes - 3.5) + noise) + bias;
+# test AUC about 0.8 and 0.9
+SIMULATED_FAMILIES = dict(mlp=dict(sep=0.3, scale=2.4, bias=-1.0),
+                          vit=dict(sep=0.5, scale=2.0, bias=-1.2))
 DEMO_SSA_SHARE = 0.31                                          # about MHIST's share of SSA tiles
 
 def _demo_tiles(rng:np.random.Generator, n:int) -> dict:
@@ -41,7 +42,8 @@ def write_demo_predictions(folder, seed:int=0, n:int=300) -> list:
     for fam, q in SIMULATED_FAMILIES.items():
         for split, df in tiles.items():
             logit = q['scale'] * (q['sep'] * (df.votes - 3.5) + rng.normal(0, 1, n)) + q['bias']
-            df.assign(logit=logit, p=sigmoid(logit), split=split).to_csv(folder / f'predictions_{fam}_{split}.csv', index=False)
+            df.assign(logit=logit, p=sigmoid(logit), split=split).to_csv(folder / f'predictions_{fam}_{split}.csv',
+                                                                         index=False)
         run = dict(family=fam, model=f'demo_{fam}', run_id=None, tracking_uri=None, experiment=None, synthetic=True)
         (folder / f'run_{fam}.json').write_text(json.dumps(run, indent=2))
     return list(SIMULATED_FAMILIES)
@@ -50,7 +52,8 @@ def write_demo_predictions(folder, seed:int=0, n:int=300) -> list:
 DEMO_MODELS = {'mlp': 'mlp_small', 'vit': 'vit_micro_conv'}   # family -> registry name of the standalone demo
 
 def demo_run(out_dir, family:str, model:str, data:MHISTData, seed:int=0, **model_kw) -> dict:
-    "Save a random-initial `model` as a checkpoint in `out_dir` and write the `run_{family}.json` a training notebook would."
+    ("Save a random-initial `model` as a checkpoint in `out_dir` "
+     "and write the `run_{family}.json` a training notebook would.")
     torch.manual_seed(seed)
     net = create(model, **model_kw)
     ckpt = Path(out_dir)/f'ckpt_{model}'/'best.pt'; ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,8 @@ def demo_run(out_dir, family:str, model:str, data:MHISTData, seed:int=0, **model
 
 # %% ../nbs/09_stand_ins.ipynb #19f4bbc5
 def demo_runs(out_dir, tiles=None, models:dict=DEMO_MODELS, model_kw:dict|None=None, seed:int=0) -> dict:
-    "Stand-in runs {family: run json} for `models` ({family: registry name}) on `tiles` (None: tiny synthetic tiles in `out_dir`)."
+    ("Stand-in runs {family: run json} for `models` ({family: registry "
+     "name}) on `tiles` (None: tiny synthetic tiles in `out_dir`).")
     tiles = tiles or synth(Path(out_dir)/'synth', scale=0.02, seed=seed)
     data = MHISTData(tiles, val_frac=0.2, seed=seed, num_workers=0)
     return {f: demo_run(out_dir, f, name, data, seed, **(model_kw or {}).get(f, {})) for f, name in models.items()}
@@ -79,14 +83,18 @@ def _write_standin(folder:Path, family:str, model:str, model_kw:dict, data, seed
     torch.save({'model': net.state_dict()}, ckpt)
     logit = torch_logits(net, load_tiles(data.root, test.name, data.mean, data.std)[1]).astype(np.float64)
     p = sigmoid(logit)
-    test[['name', 'y', 'votes']].assign(logit=logit, p=p, split='test').to_csv(folder / f'predictions_{family}_test.csv', index=False)
-    (folder / f'threshold_{family}.json').write_text(json.dumps(dict(rule='stand-in: median p', threshold=float(np.median(p)), applies_to='p')))
-    (folder / f'run_{family}.json').write_text(json.dumps(dict(family=family, model=model, model_kw=model_kw, checkpoint=str(ckpt),
-                                                               mean=data.mean, std=data.std, input_size=224, data_dir=str(data.root))))
+    test[['name', 'y', 'votes']].assign(logit=logit, p=p, split='test').to_csv(
+        folder / f'predictions_{family}_test.csv', index=False)
+    (folder / f'threshold_{family}.json').write_text(json.dumps(dict(rule='stand-in: median p',
+                                                                     threshold=float(np.median(p)), applies_to='p')))
+    (folder / f'run_{family}.json').write_text(json.dumps(dict(family=family, model=model, model_kw=model_kw,
+                                                               checkpoint=str(ckpt), mean=data.mean, std=data.std,
+                                                               input_size=224, data_dir=str(data.root))))
 
 # %% ../nbs/09_stand_ins.ipynb #27d62f1e
 def write_explain_standins(folder, seed:int=0, scale:float=0.02) -> Path:
-    "Synthetic tiles (their folder is returned) and the untrained STANDINS with run files, test predictions and thresholds."
+    ("Synthetic tiles (their folder is returned) and the untrained "
+     "STANDINS with run files, test predictions and thresholds.")
     folder = Path(folder)
     data = MHISTData(synth(folder / 'synth', scale=scale, seed=seed), val_frac=0.2, seed=seed, num_workers=0)
     for family, model, model_kw in STANDINS: _write_standin(folder, family, model, model_kw, data, seed)

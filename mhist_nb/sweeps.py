@@ -11,8 +11,9 @@ from .metrics import METRICS
 from .experiment import EXPERIMENTS, value_problem
 from .pruning import OPTUNA_ENV, pruner
 from .mlflow_runs import finish_run, flatten, start_run, tracking_client, tracking_enabled
-from .pipeline import (NotebookError, ParamsError, _expand, _run_env, check_param, coerce, ensure_data, load_params,
-                               notebook_key, notebook_params, notebook_timeout, path_problems, resolve_paths, run_notebook)
+from .pipeline import (NotebookError, ParamsError, _expand, _run_env, check_param, coerce, ensure_data,
+                               load_params, notebook_key, notebook_params, notebook_timeout, path_problems,
+                               resolve_paths, run_notebook)
 
 # %% auto #0
 __all__ = ['SWEEP_KEYS', 'SWEEP_METHODS', 'DUPLICATE', 'logged_metrics', 'trial_metric', 'sweep_configs', 'load_sweep',
@@ -22,17 +23,20 @@ __all__ = ['SWEEP_KEYS', 'SWEEP_METHODS', 'DUPLICATE', 'logged_metrics', 'trial_
 
 # %% ../nbs/31_sweeps.ipynb #0ca3aa1b
 def logged_metrics() -> list[str]:
-    "Metrics a training notebook logs (`MLflowCallback`): each epoch's `lr`, `seconds`, `train_*`, `val_*`; `best_*`; `train_seconds`."
+    ("Metrics a training notebook logs (`MLflowCallback`): each epoch's "
+     "`lr`, `seconds`, `train_*`, `val_*`; `best_*`; `train_seconds`.")
     epoch = ['lr', 'seconds'] + [f'{s}_{m}' for s in ('train', 'val') for m in ('loss', *METRICS) if m != 'threshold']
     return epoch + [f'best_{k}' for k in ('epoch', *epoch)] + ['train_seconds']
 
 # %% ../nbs/31_sweeps.ipynb #06553535
 def trial_metric(out_dir, monitor:str) -> float:
-    "`monitor` of a finished trial from the files `save_experiment` wrote into `out_dir` (`best_*`: the selected epoch's; NaN if absent)."
+    ("`monitor` of a finished trial from the files `save_experiment` wrote "
+     "into `out_dir` (`best_*`: the selected epoch's; NaN if absent).")
     runs = sorted(Path(out_dir).glob('run_*.json')) if out_dir and Path(out_dir).is_dir() else []
     if not runs: return float('nan')
     info = json.loads(runs[0].read_text())
-    if isinstance(info.get(monitor), (int, float)) and not isinstance(info.get(monitor), bool): return float(info[monitor])
+    if isinstance(info.get(monitor), (int, float)) and not isinstance(info.get(monitor), bool):
+        return float(info[monitor])
     f = runs[0].with_name(f"history_{info.get('family')}.csv")
     if not f.is_file(): return float('nan')
     h = pd.read_csv(f)
@@ -68,8 +72,10 @@ def _base_file(spec:dict, path) -> Path:
 # %% ../nbs/31_sweeps.ipynb #83d04131
 def _check_grid(grid, nb:str, cfg:dict, problems:list) -> dict:
     "The grid of notebook `nb`, each value checked and typed against the base file's declarations."
-    if not isinstance(grid, dict) or not grid: problems.append('grid: must be a mapping of parameters to lists of values'); grid = {}
-    if nb not in cfg['_declared']: problems.append(f"notebook {nb!r} is not in the base file's run list {cfg['run']}"); return grid
+    if not isinstance(grid, dict) or not grid:
+        problems.append('grid: must be a mapping of parameters to lists of values'); grid = {}
+    if nb not in cfg['_declared']:
+        problems.append(f"notebook {nb!r} is not in the base file's run list {cfg['run']}"); return grid
     known, types = cfg['_declared'][nb], cfg['_types'][nb]
     for k, v in grid.items():
         if k not in known: problems.append(f'grid: unknown parameter {k!r} of {nb}')
@@ -78,7 +84,8 @@ def _check_grid(grid, nb:str, cfg:dict, problems:list) -> dict:
             n = len(problems)
             grid[k] = [check_param(x, k, types[k], known[k], f'grid.{k}[{i}]', problems) for i, x in enumerate(v)]
             if nb in EXPERIMENTS and len(problems) == n:                # typed: each value within its range too
-                problems += [f'grid.{k}[{i}]: {p}' for i, x in enumerate(grid[k]) if (p := value_problem(EXPERIMENTS[nb], k, x))]
+                problems += [f'grid.{k}[{i}]: {p}' for i, x in enumerate(grid[k])
+                             if (p := value_problem(EXPERIMENTS[nb], k, x))]
     return grid
 
 # %% ../nbs/31_sweeps.ipynb #8abadca7
@@ -88,19 +95,23 @@ def _check_counts(spec:dict, problems:list):
         try: spec[k] = coerce(spec.get(k), t) if k in spec else None
         except ValueError as e: problems.append(f'{k}: {e}')
         else:
-            if k != 'seed' and spec[k] is not None and spec[k] < 1: problems.append(f'{k}: must be at least 1, got {spec[k]}')
+            if k != 'seed' and spec[k] is not None and spec[k] < 1:
+                problems.append(f'{k}: must be at least 1, got {spec[k]}')
 
 # %% ../nbs/31_sweeps.ipynb #40bd374c
 def _check_rule(rule, problems:list) -> dict:
     "The ranking rule, `monitor` (default best_val_auc) and `mode` (default max), checked."
     rule = rule or {}
-    if not isinstance(rule, dict): problems.append(f"rule: expected a mapping with keys 'monitor' and 'mode', got {rule!r}"); rule = {}
-    if set(rule) - {'monitor', 'mode'}: problems.append(f"rule: unknown key(s) {sorted(set(rule) - {'monitor', 'mode'})} (known: monitor, mode)")
+    if not isinstance(rule, dict):
+        problems.append(f"rule: expected a mapping with keys 'monitor' and 'mode', got {rule!r}"); rule = {}
+    if set(rule) - {'monitor', 'mode'}:
+        problems.append(f"rule: unknown key(s) {sorted(set(rule) - {'monitor', 'mode'})} (known: monitor, mode)")
     if rule.get('mode', 'max') not in ('max', 'min'): problems.append("rule.mode must be 'max' or 'min'")
     monitor, names = rule.get('monitor', 'best_val_auc'), logged_metrics()
     if monitor not in names:
         xs = ', '.join(n[4:] for n in names if n.startswith('val_'))
-        problems.append(f'rule.monitor: {monitor!r} is not a metric the training notebooks log (per epoch: lr, seconds, train_X, '
+        problems.append(f'rule.monitor: {monitor!r} is not a metric the training '
+                        'notebooks log (per epoch: lr, seconds, train_X, '
                         f'val_X; best_ with any of those or epoch; train_seconds; X: {xs})')
     return dict(monitor=monitor, mode=rule.get('mode', 'max'))
 
@@ -108,16 +119,20 @@ def _check_rule(rule, problems:list) -> dict:
 SWEEP_METHODS = ('grid', 'random', 'optuna')
 
 def _check_storage(spec:dict, method:str, problems:list) -> str|None:
-    "The Optuna study's database URL (`${VAR}` read from the environment): required by method optuna, refused by the others."
+    ("The Optuna study's database URL (`${VAR}` read from the "
+     "environment): required by method optuna, refused by the others.")
     v = _expand(spec.get('storage'), 'storage', problems)
     if method == 'optuna' and not (isinstance(v, str) and '://' in v):
-        problems.append(f"storage: method optuna needs a database URL (sqlite:///sweeps.db, postgresql://user:pw@host/db), got {v!r}")
-    elif method != 'optuna' and v is not None: problems.append(f"storage: only method optuna uses a study database (method is {method!r})")
+        problems.append("storage: method optuna needs a database URL "
+                        f"(sqlite:///sweeps.db, postgresql://user:pw@host/db), got {v!r}")
+    elif method != 'optuna' and v is not None:
+        problems.append(f"storage: only method optuna uses a study database (method is {method!r})")
     return v
 
 # %% ../nbs/31_sweeps.ipynb #bfb1d0d5
 def load_sweep(path, overrides:dict|None=None) -> dict:
-    "Read and check a sweep file (the base parameter file, with dotted `overrides`, the grid's keys and values, the rule)."
+    ("Read and check a sweep file (the base parameter file, with "
+     "dotted `overrides`, the grid's keys and values, the rule).")
     spec = yaml.safe_load(Path(path).read_text())
     _check_sweep_keys(spec, path)
     cfg, problems = load_params(_base_file(spec, path), overrides), []
@@ -130,7 +145,8 @@ def load_sweep(path, overrides:dict|None=None) -> dict:
     rule = _check_rule(spec.get('rule'), problems)
     if problems: raise ParamsError(path, problems)
     return dict(spec, name=str(spec.get('name') or Path(path).stem), cfg=cfg, notebook=nb, grid=grid, method=method,
-                nb_path=next(n for n in cfg['run'] if notebook_key(n) == nb),     # as the run list names it: a key or a path
+                # as the run list names it: a key or a path
+                nb_path=next(n for n in cfg['run'] if notebook_key(n) == nb),
                 seed=spec['seed'] or 0, rule=rule, storage=storage)
 
 # %% ../nbs/31_sweeps.ipynb #854ab049
@@ -141,22 +157,26 @@ def sweep_trials(spec:dict, sweep_file) -> tuple:
     configs = sweep_configs(spec['grid'], spec['method'], spec.get('n_trials'), spec['seed'])
     trials = [resolve_paths({**base, **c}) for c in configs]
     origin = lambda k: f'{nb}.{k}' if k in (cfg.get(nb) or {}) else f'common.{k}'
-    problems = [p for c, t in zip(configs, trials) for p in path_problems(t, lambda k: f'grid.{k}' if k in c else origin(k))]
+    problems = [p for c, t in zip(configs, trials)
+                for p in path_problems(t, lambda k: f'grid.{k}' if k in c else origin(k))]
     if problems: raise ParamsError(sweep_file, list(dict.fromkeys(problems)))
     return configs, trials
 
 # %% ../nbs/31_sweeps.ipynb #f6272cd1
 def sweep_experiment(spec:dict) -> str:
-    "The MLflow experiment of a sweep: its notebook's `experiment` (as the file sets it, else its default, else mhist-sweep)."
+    ("The MLflow experiment of a sweep: its notebook's `experiment` "
+     "(as the file sets it, else its default, else mhist-sweep).")
     cfg, nb = spec['cfg'], spec['notebook']
-    return notebook_params(cfg, nb).get('experiment') or cfg['_declared'][nb].get('experiment', "'mhist-sweep'").strip('\'"')
+    return (notebook_params(cfg, nb).get('experiment')
+            or cfg['_declared'][nb].get('experiment', "'mhist-sweep'").strip('\'"'))
 
 # %% ../nbs/31_sweeps.ipynb #9615ece2
 def sweep_parent(client, uri, spec:dict, name:str, n_trials:int) -> str|None:
     "Create the parent MLflow run of a sweep, holding its grid, method and rule; None when tracking is off."
     if client is None: return None
-    return start_run(client, uri, sweep_experiment(spec), f'{name} (sweep)', dict(grid=spec['grid'], method=spec['method'],
-                     rule=spec['rule'], n_trials=n_trials), tags={'mhist.pipeline': name, 'mhist.sweep': 'parent'})
+    return start_run(client, uri, sweep_experiment(spec), f'{name} (sweep)',
+                     dict(grid=spec['grid'], method=spec['method'], rule=spec['rule'], n_trials=n_trials),
+                     tags={'mhist.pipeline': name, 'mhist.sweep': 'parent'})
 
 # %% ../nbs/31_sweeps.ipynb #a3fa3def
 def _trial_value(ok:bool, client, run_id, out_dir, monitor:str) -> float:
@@ -182,7 +202,8 @@ def run_sweep_trial(i:int,                 # the trial's number
                     tags={'mhist.pipeline': name, 'mhist.notebook': nb}) if client else None
     ok, out_nb = False, out/f'trial_{i:02d}.ipynb'
     try:
-        run_notebook(spec['nb_path'], out_nb, params, timeout=notebook_timeout(spec['cfg'], nb), quiet=True, env={**(_run_env(uri, rid) or {}), **(env or {})} or None)
+        run_notebook(spec['nb_path'], out_nb, params, timeout=notebook_timeout(spec['cfg'], nb), quiet=True,
+                     env={**(_run_env(uri, rid) or {}), **(env or {})} or None)
         ok = True
     except NotebookError as e: print(f'[{name}] trial {i} failed: {e}', file=sys.stderr)
     finally:
@@ -193,7 +214,8 @@ def run_sweep_trial(i:int,                 # the trial's number
 # %% ../nbs/31_sweeps.ipynb #90418b3e
 def rank_trials(rows:list[dict], rule:dict) -> pd.DataFrame:
     "The sweep table: one row per trial, best first by `rule` (NaN, a failed trial, last)."
-    return pd.DataFrame(rows).sort_values(rule['monitor'], ascending=rule['mode'] == 'min', na_position='last', kind='stable')
+    return pd.DataFrame(rows).sort_values(rule['monitor'], ascending=rule['mode'] == 'min', na_position='last',
+                                          kind='stable')
 
 # %% ../nbs/31_sweeps.ipynb #e4309a54
 def log_sweep(client, parent:str, table:pd.DataFrame, csv:Path, monitor:str):
@@ -201,7 +223,8 @@ def log_sweep(client, parent:str, table:pd.DataFrame, csv:Path, monitor:str):
     from mlflow.entities import Metric
     best = table.iloc[0]
     client.log_artifact(parent, str(csv))
-    if np.isfinite(best[monitor]): client.log_batch(parent, metrics=[Metric(monitor, float(best[monitor]), int(time.time() * 1000), 0)])
+    if np.isfinite(best[monitor]):
+        client.log_batch(parent, metrics=[Metric(monitor, float(best[monitor]), int(time.time() * 1000), 0)])
     client.set_tag(parent, 'mhist.best_trial', str(best['trial']))
 
 # %% ../nbs/31_sweeps.ipynb #dcaa8a27
@@ -217,7 +240,8 @@ def decode_choice(v, values:list):
 # %% ../nbs/31_sweeps.ipynb #cd0f716d
 def suggest(trial, grid:dict) -> dict:
     "The configuration `trial` draws from `grid` (each key's list of values a categorical parameter)."
-    return {k: decode_choice(trial.suggest_categorical(k, [encode_choice(x) for x in vs]), vs) for k, vs in grid.items()}
+    return {k: decode_choice(trial.suggest_categorical(k, [encode_choice(x) for x in vs]), vs)
+            for k, vs in grid.items()}
 
 # %% ../nbs/31_sweeps.ipynb #b1839954
 DUPLICATE = 'duplicate_of'       # user attribute of a trial that was not run: the number of the earlier, equal trial
@@ -230,8 +254,10 @@ def duplicate_of(study, trial) -> int|None:
 
 # %% ../nbs/31_sweeps.ipynb #5d8f4251
 def trials_used(study) -> int:
-    "Trials of `study` that count against its budget: running, finished, pruned or failed; not skipped duplicates, not queued ones."
-    return sum(1 for t in study.get_trials(deepcopy=False) if DUPLICATE not in t.user_attrs and t.state.name != 'WAITING')
+    ("Trials of `study` that count against its budget: running, finished, "
+     "pruned or failed; not skipped duplicates, not queued ones.")
+    return sum(1 for t in study.get_trials(deepcopy=False) if DUPLICATE not in t.user_attrs
+               and t.state.name != 'WAITING')
 
 # %% ../nbs/31_sweeps.ipynb #fd22f326
 def grid_size(grid:dict) -> int:
@@ -248,9 +274,11 @@ def open_study(storage:str,            # a database URL
     "The Optuna study `name` in `storage` (TPE sampler, median pruner)."
     import optuna
     kw = dict(storage=storage, sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner())
-    if create: return optuna.create_study(study_name=name, direction='maximize' if mode == 'max' else 'minimize', load_if_exists=True, **kw)
+    if create: return optuna.create_study(study_name=name, direction='maximize' if mode == 'max' else 'minimize',
+                                          load_if_exists=True, **kw)
     try: return optuna.load_study(study_name=name, **kw)
-    except KeyError: raise RuntimeError(f'no study {name!r} in {storage}: start the sweep first (mhist sweep FILE, without --worker)') from None
+    except KeyError: raise RuntimeError(f'no study {name!r} in {storage}: start the sweep '
+                                        'first (mhist sweep FILE, without --worker)') from None
 
 # %% ../nbs/31_sweeps.ipynb #211d68e3
 def _unseen(study, grid:dict, rng) -> dict|None:
@@ -267,12 +295,14 @@ def _tell(study, trial, result:dict):
     from optuna.trial import TrialState
     v = result.get('value', float('nan'))
     if result.get('pruned'): study.tell(trial, state=TrialState.PRUNED)
-    elif result.get('status') != 'FINISHED' or v is None or not math.isfinite(v): study.tell(trial, state=TrialState.FAIL)
+    elif result.get('status') != 'FINISHED' or v is None or not math.isfinite(v):
+        study.tell(trial, state=TrialState.FAIL)
     else: study.tell(trial, v)
 
 # %% ../nbs/31_sweeps.ipynb #a5736595
 def optuna_loop(study, grid:dict, budget:int, run_trial, seed:int=0) -> list[dict]:
-    "Run trials of `study` over `grid` through `run_trial(trial, config) -> dict` until `budget` trials count; their rows."
+    ("Run trials of `study` over `grid` through `run_trial(trial, "
+     "config) -> dict` until `budget` trials count; their rows.")
     import numpy as np
     from optuna.trial import TrialState
     rng, rows, budget = np.random.default_rng(seed), [], min(budget, grid_size(grid))
@@ -291,11 +321,14 @@ def optuna_loop(study, grid:dict, budget:int, run_trial, seed:int=0) -> list[dic
 # %% ../nbs/31_sweeps.ipynb #7768abe9
 def study_table(study, grid:dict, monitor:str, mode:str='max') -> pd.DataFrame:
     "One row per trial of `study` that ran: number, state, configuration, `monitor` and MLflow run id; best first."
-    rows = [dict(trial=t.number, state=t.state.name, **{k: decode_choice(t.params[k], v) for k, v in grid.items() if k in t.params},
-                 **{monitor: t.value if t.value is not None else float('nan'), 'run_id': t.user_attrs.get('mlflow_run_id')})
+    rows = [dict(trial=t.number, state=t.state.name,
+                 **{k: decode_choice(t.params[k], v) for k, v in grid.items() if k in t.params},
+                 **{monitor: t.value if t.value is not None else float('nan'),
+                    'run_id': t.user_attrs.get('mlflow_run_id')})
             for t in study.get_trials(deepcopy=False) if DUPLICATE not in t.user_attrs and t.state.name != 'WAITING']
     cols = ['trial', 'state', *grid, monitor, 'run_id']
-    return pd.DataFrame(rows, columns=cols).sort_values(monitor, ascending=mode == 'min', na_position='last', kind='stable')
+    return pd.DataFrame(rows, columns=cols).sort_values(monitor, ascending=mode == 'min', na_position='last',
+                                                        kind='stable')
 
 # %% ../nbs/31_sweeps.ipynb #3e098183
 def epoch_metric(monitor:str) -> str:
@@ -304,13 +337,16 @@ def epoch_metric(monitor:str) -> str:
 
 # %% ../nbs/31_sweeps.ipynb #9fa7d520
 def _trial_runner(study, spec:dict, base:dict, out:Path, name:str, client, uri, exp:str, parent):
-    "The `run_trial` of `optuna_loop` for a sweep: the grid sweep's trial, with the Optuna trial in the kernel's environment."
+    ("The `run_trial` of `optuna_loop` for a sweep: the grid sweep's "
+     "trial, with the Optuna trial in the kernel's environment.")
     mon = spec['rule']['monitor']
     def run(trial, config):
         env = dict(zip(OPTUNA_ENV, (spec['storage'], study.study_name, str(trial._trial_id), epoch_metric(mon))))
-        row = run_sweep_trial(trial.number, config, resolve_paths({**base, **config}), spec, out, name, client, uri, exp, parent, env)
+        row = run_sweep_trial(trial.number, config, resolve_paths({**base, **config}), spec, out, name, client, uri,
+                              exp, parent, env)
         if row['run_id']: trial.set_user_attr('mlflow_run_id', row['run_id'])
-        pruned = 'pruned_at_epoch' in study._storage.get_trial(trial._trial_id).user_attrs   # set by the kernel: read the store
+        # set by the kernel: read the store
+        pruned = 'pruned_at_epoch' in study._storage.get_trial(trial._trial_id).user_attrs
         if pruned and row['run_id']: client.set_tag(row['run_id'], 'mhist.optuna', 'pruned')
         return dict(status=row['status'], value=row[mon], pruned=pruned, run_id=row['run_id'])
     return run
@@ -332,15 +368,19 @@ def _study_parent(study, client, uri, spec:dict, name:str, budget:int, worker:bo
     return parent
 
 # %% ../nbs/31_sweeps.ipynb #5deccfc8
-def run_optuna_sweep(spec:dict, sweep_file, name:str, reports, quiet:bool=False, top:int|None=None, worker:bool=False) -> pd.DataFrame:
-    "Run trials of the sweep's Optuna study until its budget is spent; the ranking of every worker's trials, best first."
-    client, uri = tracking_client() if tracking_enabled() else (None, None)       # the server is checked before anything starts
+def run_optuna_sweep(spec:dict, sweep_file, name:str, reports, quiet:bool=False, top:int|None=None,
+                     worker:bool=False) -> pd.DataFrame:
+    ("Run trials of the sweep's Optuna study until its budget is "
+     "spent; the ranking of every worker's trials, best first.")
+    # the server is checked before anything starts
+    client, uri = tracking_client() if tracking_enabled() else (None, None)
     ensure_data(spec['cfg'], quiet)
     base = resolve_paths(notebook_params(spec['cfg'], spec['notebook']))
     if problems := path_problems(base, lambda k: f"{spec['notebook']}.{k}"): raise ParamsError(sweep_file, problems)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
     rule, budget = spec['rule'], spec.get('n_trials') or grid_size(spec['grid'])
-    study = open_study(spec['storage'], name, rule['mode'], spec['seed'] + (os.getpid() if worker else 0), create=not worker)
+    study = open_study(spec['storage'], name, rule['mode'], spec['seed'] + (os.getpid() if worker else 0),
+                       create=not worker)
     parent = _study_parent(study, client, uri, spec, name, budget, worker)
     run = _trial_runner(study, spec, base, out, name, client, uri, sweep_experiment(spec), parent)
     ok = False
@@ -364,11 +404,13 @@ def run_sweep(sweep_file,                     # a sweep file (YAML)
               top:int|None=None,              # rows of the ranking to return (default: the file's `top`, else all)
               worker:bool=False               # method optuna: join the study another `run_sweep` started
              ) -> pd.DataFrame:
-    "Run every configuration of a sweep (child MLflow runs of one parent, unless tracking is off); return the best `top`, ranked."
+    ("Run every configuration of a sweep (child MLflow runs of one "
+     "parent, unless tracking is off); return the best `top`, ranked.")
     spec = load_sweep(sweep_file, overrides)
     name = name or spec['name']
     if spec['method'] == 'optuna': return run_optuna_sweep(spec, sweep_file, name, reports, quiet, top, worker)
-    if worker: raise ParamsError(sweep_file, [f"--worker joins an Optuna study; this sweep's method is {spec['method']!r}"])
+    if worker:
+        raise ParamsError(sweep_file, [f"--worker joins an Optuna study; this sweep's method is {spec['method']!r}"])
     client, uri = tracking_client() if tracking_enabled() else (None, None)       # MHIST_TRACKING=off: no MLflow at all
     ensure_data(spec['cfg'], quiet)
     configs, trials = sweep_trials(spec, sweep_file)

@@ -113,7 +113,8 @@ BLIND_END = 6                    # px over which the lumen closes at the crypt's
 def _half_width(uc:np.ndarray, j:np.ndarray, se:np.ndarray, L:np.ndarray, rng:np.random.Generator) -> np.ndarray:
     "Half-width of the lumen of crypt `j` at depth `uc`, for per-crypt severities `se` and lengths `L`."
     nj = len(se)
-    w0, amp, per = rng.uniform(*LUMEN_HALF_WIDTH, nj), rng.uniform(*SERRATION_AMPLITUDE, nj), rng.uniform(*SERRATION_PERIOD, nj)
+    w0, amp, per = (rng.uniform(*LUMEN_HALF_WIDTH, nj), rng.uniform(*SERRATION_AMPLITUDE, nj),
+                    rng.uniform(*SERRATION_PERIOD, nj))
     env, tri = _serration(uc, j, se, L, per, rng)
     dil, taper = _base(uc, j, se, L, rng)
     w = (w0[j] + amp[j] * env * tri + dil - taper - TOOTH_MEAN * amp[j] * env
@@ -169,8 +170,9 @@ def _blobs(rng:np.random.Generator, mask:np.ndarray, density:float, sigma:float)
 # %% ../nbs/01_synth.ipynb #f3b2d4c1
 EOSIN = dict(stroma=0.38, stroma_noise=0.10, epithelium=0.30, lumen=0.04)   # eosin concentration per compartment
 HAEMATOXYLIN = dict(stroma=0.06, epithelium=0.22)                           # haematoxylin background per compartment
-NUCLEI = dict(basal=(1.3, 0.10, 1.4), stroma=(0.9, 0.004, 1.1),             # haematoxylin of the nuclei per compartment:
-              epithelium=(0.15, 0.02, 2.0))                                 # (strength, nuclei per pixel, blob sigma in px)
+# haematoxylin of the nuclei per compartment: (strength, nuclei per pixel, blob sigma in px)
+NUCLEI = dict(basal=(1.3, 0.10, 1.4), stroma=(0.9, 0.004, 1.1),
+              epithelium=(0.15, 0.02, 2.0))
 BLUR = dict(eosin=0.8, haematoxylin=0.6)                                    # px, sigma of the blur of each map
 
 # %% ../nbs/01_synth.ipynb #03be29e4

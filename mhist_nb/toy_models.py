@@ -49,8 +49,8 @@ def patch_onnx(path, box=(64, 128, 32), size:int=224) -> Path:
     nodes = [helper.make_node('Slice', [INPUT_NAME, 'starts', 'ends', 'axes'], ['crop']),
              helper.make_node('ReduceMean', ['crop', 'axes'], ['m'], keepdims=0),
              helper.make_node('MatMul', ['m', 'W'], ['z']), helper.make_node('Add', ['z', 'B'], [OUTPUT_NAME])]
-    inits = dict(starts=np.array([t, l], np.int64), ends=np.array([t + s, l + s], np.int64), axes=np.array([2, 3], np.int64),
-                 W=W_TOY, B=B_TOY)
+    inits = dict(starts=np.array([t, l], np.int64), ends=np.array([t + s, l + s], np.int64),
+                 axes=np.array([2, 3], np.int64), W=W_TOY, B=B_TOY)
     return _save(nodes, inits, path, size)
 
 # %% ../nbs/25_toy_models.ipynb #013243d2
@@ -72,7 +72,8 @@ def write_toy_manifest(d, name:str, onnx_path, threshold:float=0.5) -> Path:
 
 # %% ../nbs/25_toy_models.ipynb #74160f86
 def toy_model_dir(d, families=('mlp', 'vit'), thresholds=(0.4, 0.6), patch_box=None) -> Path:
-    "A folder of toy models with manifests (`manifest_{family}.json`); with `patch_box`, also `patch`, reading that box only."
+    ("A folder of toy models with manifests (`manifest_{family}.json`); "
+     "with `patch_box`, also `patch`, reading that box only.")
     d = Path(d); d.mkdir(parents=True, exist_ok=True)
     for f, t in zip(families, thresholds): write_toy_manifest(d, f, toy_onnx(d/f'model_{f}.onnx'), t)
     if patch_box: write_toy_manifest(d, 'patch', patch_onnx(d/'model_patch.onnx', patch_box))

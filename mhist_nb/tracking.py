@@ -24,7 +24,8 @@ def plot_history(history:pd.DataFrame, metrics=('auc', 'balanced_accuracy')):
     fig, axs = plt.subplots(1, 1 + len(metrics), figsize=(4.5 * (1 + len(metrics)), 3.4))
     for ax, m in zip(axs, ('loss', *metrics)):
         for split, style in (('train', '--'), ('val', '-')):
-            if f'{split}_{m}' in history: ax.plot(history.epoch, history[f'{split}_{m}'], style, marker='o', ms=3, label=split)
+            if f'{split}_{m}' in history:
+                ax.plot(history.epoch, history[f'{split}_{m}'], style, marker='o', ms=3, label=split)
         for e in history.epoch[history.stage.ne(history.stage.shift()) & (history.index > 0)]:
             ax.axvline(e - 0.5, color='grey', lw=1, ls=':')
         ax.set_title(m.replace('_', ' ')); ax.set_xlabel('epoch'); ax.legend()
@@ -72,7 +73,8 @@ def _mark_incomplete(what:str):
 # %% ../nbs/06_tracking.ipynb #1ac12b7c
 @patch
 def _safe(self:MLflowCallback, what:str, fn, *args, **kw):
-    "Call an MLflow function with `try_mlflow`; after a failure, tracking is off for the rest of the run (training goes on)."
+    ("Call an MLflow function with `try_mlflow`; after a failure, "
+     "tracking is off for the rest of the run (training goes on).")
     if not self.enabled: return None
     failed = object()
     out = try_mlflow(f'{what} at {self.uri}; tracking is off for the rest of this run, training continues and '
@@ -84,12 +86,15 @@ def _safe(self:MLflowCallback, what:str, fn, *args, **kw):
 @patch
 def _run_params(self:MLflowCallback, trainer) -> dict:
     "The params to log for `trainer`'s run (nested; `flatten` makes them MLflow params)."
-    p = dict(trainer=trainer.hp, selector=asdict(trainer.selector), model=dict(cls=type(trainer.model).__name__, **model_summary(trainer.model)),
-             device=str(trainer.device), amp=str(trainer.amp), git_commit=git_commit(), versions=versions(), **self.extra)
+    p = dict(trainer=trainer.hp, selector=asdict(trainer.selector),
+             model=dict(cls=type(trainer.model).__name__, **model_summary(trainer.model)),
+             device=str(trainer.device), amp=str(trainer.amp), git_commit=git_commit(), versions=versions(),
+             **self.extra)
     if self.data is not None:
         d = self.data
         p['data'] = dict(dir=str(d.root), fingerprint=d.cache.key, mean=[round(v, 5) for v in d.mean],
-                         std=[round(v, 5) for v in d.std], **{f'n_{k}': int(v) for k, v in d.df.split.value_counts().items()})
+                         std=[round(v, 5) for v in d.std],
+                         **{f'n_{k}': int(v) for k, v in d.df.split.value_counts().items()})
     return p
 
 # %% ../nbs/06_tracking.ipynb #768fdfce
@@ -149,8 +154,11 @@ def _log_best(self:MLflowCallback, trainer):
 def _log_figures(self:MLflowCallback, trainer):
     "Log the curves and, given a validation loader, the confusion matrix at the selected epoch."
     import matplotlib.pyplot as plt
-    fig = plot_history(trainer.history_df); self.client.log_figure(self.run_id, fig, 'figures/curves.png'); plt.close(fig)
-    if self.val_dl is not None and trainer.strategy.world == 1:     # under torchrun callbacks run on rank 0 alone; predict needs all
+    fig = plot_history(trainer.history_df)
+    self.client.log_figure(self.run_id, fig, 'figures/curves.png')
+    plt.close(fig)
+    # under torchrun callbacks run on rank 0 alone; predict needs all
+    if self.val_dl is not None and trainer.strategy.world == 1:
         pr = trainer.predict(self.val_dl)
         fig = plot_confusion(pr.y, pr.p, trainer.hp['threshold'])
         self.client.log_figure(self.run_id, fig, 'figures/confusion_val.png'); plt.close(fig)
@@ -187,4 +195,5 @@ def log_outputs(cb:MLflowCallback, paths, artifact_path:str|None=None, metrics:d
     for p in paths: cb._safe(f'logging {Path(p).name}', cb.client.log_artifact, cb.run_id, str(p), artifact_path)
     if metrics:
         ts = int(time.time() * 1000)
-        cb._safe('logging metrics', cb.client.log_batch, cb.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+        cb._safe('logging metrics', cb.client.log_batch, cb.run_id,
+                 metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])

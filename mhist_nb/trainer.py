@@ -34,17 +34,21 @@ def pick_device(device:str='auto') -> torch.device:
     "`auto`: CUDA if available, else Apple MPS, else CPU."
     if device != 'auto': return torch.device(device)
     if torch.cuda.is_available(): return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        return torch.device('mps')
     return torch.device('cpu')
 
 # %% ../nbs/05_trainer.ipynb #f9b70235
-AMP_MODES = ('auto', 'bf16', 'fp16', 'off')   # mixed precision: by the GPU's compute capability, bfloat16, float16, none
+# mixed precision: by the GPU's compute capability, bfloat16, float16, none
+AMP_MODES = ('auto', 'bf16', 'fp16', 'off')
 
 # %% ../nbs/05_trainer.ipynb #2dd0a682
-BF16_CAPABILITY = (8, 0)     # Ampere and later compute bf16 natively; torch.cuda.is_bf16_supported() also counts emulation
+# Ampere and later compute bf16 natively; torch.cuda.is_bf16_supported() also counts emulation
+BF16_CAPABILITY = (8, 0)
 
 def amp_dtype(amp:str, device:torch.device):
-    "Autocast dtype: `auto` is bf16 on a CUDA GPU of compute capability ≥ 8.0, fp16 (with loss scaling) on older ones (T4), off elsewhere."
+    ("Autocast dtype: `auto` is bf16 on a CUDA GPU of compute capability "
+     "≥ 8.0, fp16 (with loss scaling) on older ones (T4), off elsewhere.")
     if amp not in AMP_MODES: raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}; got {amp!r}")
     if amp == 'auto':
         if device.type != 'cuda': return None
@@ -54,7 +58,8 @@ def amp_dtype(amp:str, device:torch.device):
 # %% ../nbs/05_trainer.ipynb #9f1cfc22
 @dataclass
 class Selector:
-    "Keep the epoch with the best `monitor` (`mode` max or min) among those meeting every floor; else the `fallback` rule's best."
+    ("Keep the epoch with the best `monitor` (`mode` max or min) among "
+     "those meeting every floor; else the `fallback` rule's best.")
     monitor: str = 'val_auc'     # the metric to optimise
     mode: str = 'max'            # 'max' or 'min'
     floors: dict = field(default_factory=dict)     # {metric: minimum} an epoch must reach to count
@@ -64,7 +69,8 @@ class Selector:
         if self.mode not in ('max', 'min'): raise ValueError(f"Selector mode must be 'max' or 'min', got {self.mode!r}")
         unknown = set(self.fallback) - {'monitor', 'mode'}
         if unknown or 'monitor' not in self.fallback or self.fallback.get('mode', 'max') not in ('max', 'min'):
-            raise ValueError(f"Selector fallback must be a mapping with 'monitor' and optionally 'mode' (max/min), got {self.fallback!r}")
+            raise ValueError("Selector fallback must be a mapping with 'monitor' and "
+                             f"optionally 'mode' (max/min), got {self.fallback!r}")
 
 # %% ../nbs/05_trainer.ipynb #33482ac5
 @patch
@@ -88,7 +94,9 @@ def better(self:Selector, m:dict, best:dict|None, fallback:bool=False) -> bool:
 @patch
 def describe(self:Selector, fallback:bool=False) -> str:
     "The rule in words."
-    if fallback: return f"fallback: best {self.fallback['monitor']} ({self.fallback.get('mode', 'max')}), no epoch met {self.floors}"
+    if fallback:
+        return (f"fallback: best {self.fallback['monitor']} "
+                f"({self.fallback.get('mode', 'max')}), no epoch met {self.floors}")
     return f'best {self.monitor} ({self.mode})' + (f' with {self.floors}' if self.floors else '')
 
 # %% ../nbs/05_trainer.ipynb #8ebd8e7b
@@ -136,14 +144,16 @@ def _rng_state(device:torch.device|None=None) -> dict:
 
 # %% ../nbs/05_trainer.ipynb #cf8f8db3
 def _set_rng_state(s:dict, device:torch.device|None=None):
-    "Restore `_rng_state()`; a GPU state goes to the training `device` (a CPU run ignores it). Tensors go through the CPU."
+    ("Restore `_rng_state()`; a GPU state goes to the training "
+     "`device` (a CPU run ignores it). Tensors go through the CPU.")
     v, state, g = s['python']
     random.setstate((v, tuple(state), g))
     n = s['numpy']; np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(s['torch'].cpu())
     c = s.get('cuda')
     if c is None or device is None or device.type != 'cuda': return
-    if isinstance(c, (list, tuple)): c = c[(device.index or 0) if (device.index or 0) < len(c) else 0]   # older: every GPU's
+    # older: every GPU's
+    if isinstance(c, (list, tuple)): c = c[(device.index or 0) if (device.index or 0) < len(c) else 0]
     torch.cuda.set_rng_state(c.cpu(), device)
 
 # %% ../nbs/05_trainer.ipynb #0af863ee
@@ -157,7 +167,8 @@ def _set_epoch(dl, epoch:int):
 # %% ../nbs/05_trainer.ipynb #0a312bfa
 def _whole_batch_norms(model:nn.Module, device:torch.device, warn:bool=True) -> nn.Module:
     "`model` with its BatchNorm layers synchronised over the ranks (`SyncBatchNorm`) on a GPU; elsewhere, a warning."
-    bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
+    bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+          and not isinstance(m, nn.SyncBatchNorm)]
     if not bn: return model
     if device.type == 'cuda': return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if warn: warnings.warn(f"{len(bn)} BatchNorm layer(s) ({bn[0]}, ...) normalise each rank's shard separately on "
@@ -166,7 +177,8 @@ def _whole_batch_norms(model:nn.Module, device:torch.device, warn:bool=True) -> 
 
 # %% ../nbs/05_trainer.ipynb #92f6da9c
 def _sharding(dl):
-    "How `dl` splits its data over ranks: `'slices'` (a `shard` of every batch), its `DistributedSampler`, or None (no split)."
+    ("How `dl` splits its data over ranks: `'slices'` (a `shard` of "
+     "every batch), its `DistributedSampler`, or None (no split).")
     for o in (dl, getattr(dl, 'dataset', None)):
         if getattr(o, 'world', 1) > 1: return 'slices'
     s = getattr(dl, 'sampler', None)
@@ -174,7 +186,8 @@ def _sharding(dl):
 
 # %% ../nbs/05_trainer.ipynb #8b12bbd4
 def _merge_ranks(parts:list, how, n:int|None=None) -> list[tuple]:
-    "(rank, start, stop) row ranges of every rank's predictions `parts` (each `(columns, batch sizes)`) in one process's order."
+    ("(rank, start, stop) row ranges of every rank's predictions "
+     "`parts` (each `(columns, batch sizes)`) in one process's order.")
     world = len(parts)
     if how == 'slices':
         starts = [np.cumsum([0, *sizes]) for _, sizes in parts]
@@ -229,7 +242,8 @@ class DDPStrategy(Strategy):
         parts = self.gather((cols, sizes))
         rows = _merge_ranks(parts, how, None if how == 'slices' else len(how.dataset))
         cat = lambda k: [parts[r][0][k][a:b] for r, a, b in rows]
-        return dict(name=[n for piece in cat('name') for n in piece], **{k: np.concatenate(cat(k)) for k in ('y', 'votes', 'logit')})
+        return dict(name=[n for piece in cat('name') for n in piece],
+                    **{k: np.concatenate(cat(k)) for k in ('y', 'votes', 'logit')})
 
 # %% ../nbs/05_trainer.ipynb #10b0384b
 def strategy_from_env() -> Strategy:
@@ -245,7 +259,8 @@ SCHEDULERS = ('step', 'cosine', 'onecycle', 'plateau')   # or None: a constant l
 # %% ../nbs/05_trainer.ipynb #e67064ee
 def _check_hp(hp:dict) -> dict:
     "Validate the trainer's hyper-parameters; return them normalised (scheduler 'none' as None, pos_weight a float)."
-    if hp['optimizer'] not in OPTIMIZERS: raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {hp['optimizer']!r}")
+    if hp['optimizer'] not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {hp['optimizer']!r}")
     if hp['scheduler'] not in (None, 'none', *SCHEDULERS):
         raise ValueError(f"scheduler must be None or one of {', '.join(SCHEDULERS)}; got {hp['scheduler']!r}")
     if hp['accum_steps'] < 1: raise ValueError(f"accum_steps must be >= 1, got {hp['accum_steps']}")
@@ -257,7 +272,8 @@ CUBLAS_DETERMINISTIC = ':4096:8'    # CUBLAS_WORKSPACE_CONFIG that makes cuBLAS 
 
 @contextmanager
 def deterministic_kernels(on:bool=True):
-    "Inside: deterministic algorithms only (cuDNN without autotuning, attention by the math kernel); then the previous settings."
+    ("Inside: deterministic algorithms only (cuDNN without autotuning, "
+     "attention by the math kernel); then the previous settings.")
     if not on: yield; return
     os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC)
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -290,7 +306,8 @@ class Trainer:
                  save_last:bool=True, # write `last.pt` every epoch (needed to resume)
                  callbacks=(), quiet:bool=False, # no progress bars, no epoch lines (under torchrun: rank 0's only)
                  compile:bool|str=False, # train through `torch.compile` (a string names the backend)
-                 deterministic:bool=False, # deterministic kernels only: bit-exact resume on the same device type (slower)
+                 # deterministic kernels only: bit-exact resume on the same device type (slower)
+                 deterministic:bool=False,
                  strategy:Strategy|None=None): # one process or N (default: `strategy_from_env`)
         self.hp = _check_hp(dict(lr=lr, optimizer=optimizer, weight_decay=weight_decay, momentum=momentum,
             scheduler=scheduler, warmup_epochs=warmup_epochs, step_size=step_size, gamma=gamma, grad_clip=grad_clip,
@@ -299,7 +316,8 @@ class Trainer:
         self.selector = Selector(**selector) if isinstance(selector, dict) else (selector or Selector())
         self.strategy = strategy or strategy_from_env()  # under torchrun: this process among the N that train together
         self.device = self.strategy.device(pick_device(device))   # a GPU with its index; under torchrun, the rank's
-        if deterministic: os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC)   # before cuBLAS starts
+        # before cuBLAS starts
+        if deterministic: os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC)
         self.amp = amp_dtype(amp, self.device)
         seed_everything(seed + self.strategy.rank)                # rank 0 draws what a single process draws
         self.model = model.to(self.device)
@@ -307,7 +325,8 @@ class Trainer:
         self.train_model = torch.compile(self.model, backend=backend) if compile else self.model   # shares the weights
         pw = self.hp['pos_weight']
         pw = None if pw is None else torch.tensor(pw, device=self.device)
-        self.loss_fn, self.loss_sum = nn.BCEWithLogitsLoss(pos_weight=pw), nn.BCEWithLogitsLoss(pos_weight=pw, reduction='sum')
+        self.loss_fn, self.loss_sum = (nn.BCEWithLogitsLoss(pos_weight=pw),
+                                       nn.BCEWithLogitsLoss(pos_weight=pw, reduction='sum'))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else Path(tempfile.mkdtemp(prefix='mhist-ckpt-'))
         self.callbacks, self.quiet, self.save_last = list(callbacks), quiet or not self.strategy.is_main, save_last
@@ -387,7 +406,8 @@ def _check_finite(self:Trainer, per_batch:torch.Tensor, ys:list, epoch:int):
     if len(bad):
         kept = self.ckpt_dir/('last.pt' if self.save_last else 'best.pt')
         i = int(bad[0])
-        raise FloatingPointError(f'non-finite loss ({per_batch[i].item() / max(len(ys[i]), 1)}) at epoch {epoch}, batch {i}; '
+        raise FloatingPointError(f'non-finite loss ({per_batch[i].item() / max(len(ys[i]), 1)}) '
+                                 f'at epoch {epoch}, batch {i}; '
                                  f'training stopped. The last good checkpoint is {kept}')
 
 # %% ../nbs/05_trainer.ipynb #ad776107
@@ -424,7 +444,8 @@ def _train_epoch(self:Trainer, dl, epoch:int) -> dict:
 # %% ../nbs/05_trainer.ipynb #8c0e261f
 @patch
 def _epoch_metrics(self:Trainer, per_batch:torch.Tensor, ys:list, ps:list, epoch:int) -> dict:
-    "Train loss and metrics from the batches' summed losses, labels and probabilities (joined over ranks under torchrun)."
+    ("Train loss and metrics from the batches' summed losses, "
+     "labels and probabilities (joined over ranks under torchrun).")
     self.strategy.sum(per_batch)                                # each batch's loss summed over the ranks
     self._check_finite(per_batch, ys, epoch)
     y, p = torch.cat(ys).cpu().numpy(), torch.cat(ps).float().cpu().numpy()
@@ -453,7 +474,8 @@ def predict(self:Trainer, dl) -> pd.DataFrame:
         ys.append(batch[1].float().cpu()); sizes.append(k)
         names += list(batch[2]) if len(batch) > 2 else [None] * k
         votes.append(torch.as_tensor(batch[3]) if len(batch) > 3 else torch.full((k,), -1))
-    cols = dict(name=names, y=torch.cat(ys).int().numpy(), votes=torch.cat(votes).numpy(), logit=torch.cat(logits).cpu().numpy())
+    cols = dict(name=names, y=torch.cat(ys).int().numpy(), votes=torch.cat(votes).numpy(),
+                logit=torch.cat(logits).cpu().numpy())
     cols = self.strategy.gather_predictions(cols, sizes, dl)
     return pd.DataFrame(dict(**cols, p=torch.sigmoid(torch.from_numpy(cols['logit'])).numpy()))
 
@@ -464,7 +486,9 @@ def evaluate(self:Trainer, dl, threshold:float|None=None) -> dict:
     pr = self.predict(dl)
     logit, y = torch.tensor(pr.logit.to_numpy()), torch.tensor(pr.y.to_numpy(), dtype=torch.float32)
     loss = self.loss_fn(logit.to(self.device), y.to(self.device)).item()
-    return dict(loss=loss, **all_metrics(pr.y.to_numpy(), pr.p.to_numpy(), self.hp['threshold'] if threshold is None else threshold))
+    return dict(loss=loss,
+                **all_metrics(pr.y.to_numpy(), pr.p.to_numpy(),
+                              self.hp['threshold'] if threshold is None else threshold))
 
 # %% ../nbs/05_trainer.ipynb #fa69174f
 @patch
@@ -484,14 +508,16 @@ def save_checkpoint(self:Trainer, path:Path):
 # %% ../nbs/05_trainer.ipynb #c76c3510
 @patch
 def load_from_main(self:Trainer, path:Path) -> dict|None:
-    "`torch.load` of `path` (None if missing), read by rank 0 and sent to every rank: other machines need not see the file."
+    ("`torch.load` of `path` (None if missing), read by rank 0 and "
+     "sent to every rank: other machines need not see the file.")
     ck = torch.load(path, map_location='cpu', weights_only=True) if self.strategy.is_main and path.is_file() else None
     return self.strategy.broadcast(ck)
 
 # %% ../nbs/05_trainer.ipynb #10d9b762
 @patch
 def _own_rng(self:Trainer, ck:dict) -> dict:
-    "This rank's RNG state from checkpoint `ck`; rank 0's (with a warning) if it was written by a different number of ranks."
+    ("This rank's RNG state from checkpoint `ck`; rank 0's (with a "
+     "warning) if it was written by a different number of ranks.")
     ranks, s = ck.get('rng_ranks'), self.strategy
     if s.world == 1 and not ranks: return ck['rng']
     if ranks is not None and len(ranks) == s.world: return ranks[s.rank]
@@ -502,7 +528,8 @@ def _own_rng(self:Trainer, ck:dict) -> dict:
 # %% ../nbs/05_trainer.ipynb #b38cea68
 @patch
 def load_checkpoint(self:Trainer, path) -> dict:
-    "Restore a `last.pt` written by `save_checkpoint` (read on the CPU, `weights_only`; by rank 0, sent to the others); return it."
+    ("Restore a `last.pt` written by `save_checkpoint` (read on the "
+     "CPU, `weights_only`; by rank 0, sent to the others); return it.")
     path = Path(path)
     ck = self.load_from_main(path)
     if ck is None: raise FileNotFoundError(f'checkpoint to resume from not found: {path}')
@@ -590,8 +617,10 @@ def _patience_step(best_loss:float, bad:int, loss:float, min_delta:float) -> tup
 # %% ../nbs/05_trainer.ipynb #0e4a6de8
 def _fmt_row(r:dict) -> str:
     "One epoch's line in the log."
-    return (f"epoch {r['epoch']:>3} [{r['stage']}] lr {r['lr']:.2e}  train loss {r['train_loss']:.4f} auc {r['train_auc']:.3f}"
-            f"  val loss {r['val_loss']:.4f} auc {r['val_auc']:.3f} bal.acc {r['val_balanced_accuracy']:.3f}  {r['seconds']:.1f}s")
+    return (f"epoch {r['epoch']:>3} [{r['stage']}] lr {r['lr']:.2e}  "
+            f"train loss {r['train_loss']:.4f} auc {r['train_auc']:.3f}"
+            f"  val loss {r['val_loss']:.4f} auc {r['val_auc']:.3f} bal.acc "
+            f"{r['val_balanced_accuracy']:.3f}  {r['seconds']:.1f}s")
 
 # %% ../nbs/05_trainer.ipynb #67a719a9
 @patch
