@@ -13,6 +13,7 @@ from torch import nn
 from scipy import stats
 from captum.attr import IntegratedGradients, Occlusion
 from .data import TILE_SIZE, decode_tile, make_transform
+from . import synth as synthetic
 
 # %% auto #0
 __all__ = ['CELLS', 'METHODS', 'evaluating', 'fast_layout', 'attention_probs', 'block_attentions', 'rollout', 'readout_of',
@@ -151,21 +152,20 @@ def random_rho(maps, copies:list) -> np.ndarray:
 def crypt_wall_masks(data_dir, names) -> np.ndarray:
     ("Crypt-wall (epithelium) masks (n, 224, 224) of synthetic "
      "tiles `names`, redrawn exactly as mhist_nb.synth drew them.")
-    from mhist_nb import synth
     root = Path(data_dir)
-    if not (root / synth.MARKER).is_file():
-        raise ValueError(f'{root} is not a synthetic set (no {synth.MARKER}): its crypt walls are unknown')
-    mk = json.loads((root / synth.MARKER).read_text())
-    if mk.get('version') != synth.GENERATOR_VERSION:
+    if not (root / synthetic.MARKER).is_file():
+        raise ValueError(f'{root} is not a synthetic set (no {synthetic.MARKER}): its crypt walls are unknown')
+    mk = json.loads((root / synthetic.MARKER).read_text())
+    if mk.get('version') != synthetic.GENERATOR_VERSION:
         raise ValueError(f"{root} was drawn by generator version {mk.get('version')}, "
-                         f"this is version {synth.GENERATOR_VERSION}")
-    table = synth.synth_table(mk['scale'], mk['seed'])
+                         f"this is version {synthetic.GENERATOR_VERSION}")
+    table = synthetic.synth_table(mk['scale'], mk['seed'])
     row = {n: i for i, n in enumerate(table['Image Name'])}
     masks = []
     for n in names:
         i, p = row[n], float(table.p[row[n]])
-        _, epi, _, _, white = synth._crypt_masks(p, np.random.default_rng([mk['seed'], i]), TILE_SIZE)
-        if not np.array_equal(synth.render_tile(p, np.random.default_rng([mk['seed'], i])),
+        _, epi, _, _, white = synthetic._crypt_masks(p, np.random.default_rng([mk['seed'], i]), TILE_SIZE)
+        if not np.array_equal(synthetic.render_tile(p, np.random.default_rng([mk['seed'], i])),
                               decode_tile(root / 'images' / n)):
             raise ValueError(f'{n} differs from its redrawing: the tiles of '
                              f'{root} were changed after they were written')
