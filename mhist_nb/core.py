@@ -8,7 +8,8 @@ import hashlib
 import numpy as np
 
 # %% auto #0
-__all__ = ['INPUT_NAME', 'OUTPUT_NAME', 'CLASS_NAMES', 'sigmoid', 'sha256']
+__all__ = ['INPUT_NAME', 'OUTPUT_NAME', 'CLASS_NAMES', 'CACHE_MODES', 'AMP_MODES', 'OPTIMIZERS', 'SCHEDULERS', 'MODEL_NAMES',
+           'sigmoid', 'sha256']
 
 # %% ../nbs/00_core.ipynb #a4d77f40
 INPUT_NAME, OUTPUT_NAME = 'image', 'logit'
@@ -28,3 +29,22 @@ def sha256(path) -> str:
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
     return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb #0d133a3a
+# `TileCache`: decoded tiles kept in memory, in a memmap on disk, or not at all
+CACHE_MODES = ('memory', 'disk', 'none')
+
+# %% ../nbs/00_core.ipynb #7de00b13
+# mixed precision: by the GPU's compute capability, bfloat16, float16, none
+AMP_MODES = ('auto', 'bf16', 'fp16', 'off')
+
+# %% ../nbs/00_core.ipynb #ccd43e04
+OPTIMIZERS = ('adamw', 'sgd')
+
+# %% ../nbs/00_core.ipynb #f540e858
+# or None: a constant learning rate
+SCHEDULERS = ('step', 'cosine', 'onecycle', 'plateau')
+
+# %% ../nbs/00_core.ipynb #27f0ac9a
+# the keys of `MODELS` (04_models)
+MODEL_NAMES = ('mlp', 'mlp_small', 'vit_base', 'vit_tiny', 'vit_micro', 'vit_micro_conv')

@@ -12,14 +12,15 @@ from PIL import Image
 from torch.utils.data import Dataset, DataLoader, Sampler, SequentialSampler
 from torchvision.transforms import v2
 from .core import CLASS_NAMES
+from .core import CACHE_MODES
 
 # %% auto #0
-__all__ = ['COLUMNS', 'SHORT_NAMES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 'CACHE_MODES', 'RGB_FROM_HED', 'HED_FROM_RGB',
-           'MHISTError', 'check_annotations', 'check_image', 'read_mhist', 'add_split', 'fingerprint',
-           'disk_cache_file', 'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats',
-           'draw_augment', 'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform',
-           'MHISTDataset', 'shard', 'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler',
-           'default_workers', 'dist_rank_world', 'rank_device', 'resolve_data_device', 'DeviceLoader', 'MHISTData']
+__all__ = ['COLUMNS', 'SHORT_NAMES', 'PARTITIONS', 'N_ANNOTATORS', 'TILE_SIZE', 'RGB_FROM_HED', 'HED_FROM_RGB', 'MHISTError',
+           'check_annotations', 'check_image', 'read_mhist', 'add_split', 'fingerprint', 'disk_cache_file',
+           'decode_tile', 'TileCache', 'channel_histograms', 'stats_from_histograms', 'norm_stats', 'draw_augment',
+           'flip_tiles', 'rot90_tiles', 'RandomRot90', 'HEDJitter', 'TileTransform', 'make_transform', 'MHISTDataset',
+           'shard', 'EpochSampler', 'batch_seed', 'EpochBatches', 'pos_weight', 'balanced_sampler', 'default_workers',
+           'dist_rank_world', 'rank_device', 'resolve_data_device', 'DeviceLoader', 'MHISTData']
 
 # %% ../nbs/00_data.ipynb #6c635d8a
 COLUMNS = ('Image Name', 'Majority Vote Label', 'Number of Annotators who Selected SSA (Out of 7)', 'Partition')
@@ -154,10 +155,6 @@ def disk_cache_file(cache_dir, key:str, size:int=TILE_SIZE) -> Path:
 def decode_tile(path) -> np.ndarray:
     "Decode one PNG tile to an (H, W, 3) uint8 array."
     with Image.open(path) as im: return np.asarray(im.convert('RGB'))
-
-# %% ../nbs/00_data.ipynb #8b7fa728
-# `TileCache` modes: decoded tiles kept in memory, in a memmap on disk, or not at all
-CACHE_MODES = ('memory', 'disk', 'none')
 
 # %% ../nbs/00_data.ipynb #8d423cf7
 class TileCache:

@@ -8,10 +8,8 @@ import ast, copy, dataclasses, functools, inspect, json, os, shutil, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 import yaml
-from .data import TileTransform
-from .synth import synth
-from .trainer import Selector
-from .experiment import EXPERIMENTS, param_problems
+from .params import EXPERIMENTS, param_problems
+# data, synth and trainer (PyTorch) are imported where they are needed, so `mhist run` starts and checks a file light
 from .mlflow_runs import finish_run, mlflow_retry_bounds, start_run, tracking_client, tracking_enabled, try_mlflow
 
 # %% auto #0
@@ -191,8 +189,10 @@ def _keywords(fn, skip=()) -> dict:
 def dict_fields(param:str) -> dict|None:
     "Keys (with annotations) that dict parameter `param` accepts, read from the code receiving it; None: any."
     if param == 'augment':
+        from mhist_nb.data import TileTransform          # here: PyTorch
         return _keywords(TileTransform, ('mean', 'std', 'train', 'size'))
     if param == 'selector':
+        from mhist_nb.trainer import Selector            # here: PyTorch
         return {f.name: _ann(f.type) for f in dataclasses.fields(Selector)}
     if param == 'distributed':
         from mhist_nb.ddp import torchrun_command
@@ -225,6 +225,7 @@ def check_param(v,                # the value from the parameter file
     n = len(problems)
     v = _check_keys(v, fields, where, problems)
     if name == 'selector' and len(problems) == n:
+        from mhist_nb.trainer import Selector            # here: PyTorch
         try: Selector(**v)
         except (TypeError, ValueError) as e: problems.append(f'{where}: {e}')
     if name == 'distributed' and len(problems) == n:
@@ -541,6 +542,7 @@ def check_paths(cfg:dict):
 def ensure_data(cfg:dict, quiet:bool=False):
     "Write synthetic tiles into `common.data_dir` when the file asks for them and they are absent."
     if cfg.get('synth') is None: return
+    from mhist_nb.synth import synth                     # here: PyTorch (through mhist_nb.data)
     s = cfg['synth']
     synth(Path(cfg['common']['data_dir']).expanduser().resolve(), scale=s.get('scale', 0.1), seed=s.get('seed', 0),
           n_jobs=s.get('jobs', os.cpu_count() or 1), progress=not quiet)

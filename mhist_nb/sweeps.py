@@ -8,7 +8,7 @@ import itertools, json, math, os, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, yaml
 from .metrics import METRICS
-from .experiment import EXPERIMENTS, value_problem
+from .params import EXPERIMENTS, value_problem
 from .pruning import OPTUNA_ENV, pruner
 from .mlflow_runs import finish_run, flatten, start_run, tracking_client, tracking_enabled
 from .pipeline import (NotebookError, ParamsError, _expand, _run_env, check_param, coerce, ensure_data,

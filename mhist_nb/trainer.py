@@ -17,11 +17,11 @@ from fastcore.basics import patch
 from .data import dist_rank_world, rank_device
 from .metrics import all_metrics
 from .models import freeze_body, unfreeze
+from .core import AMP_MODES, OPTIMIZERS, SCHEDULERS
 
 # %% auto #0
-__all__ = ['AMP_MODES', 'BF16_CAPABILITY', 'OPTIMIZERS', 'SCHEDULERS', 'CUBLAS_DETERMINISTIC', 'PER_STEP_SCHEDULERS',
-           'seed_everything', 'pick_device', 'amp_dtype', 'Selector', 'Callback', 'Strategy', 'DDPStrategy',
-           'strategy_from_env', 'deterministic_kernels', 'Trainer']
+__all__ = ['BF16_CAPABILITY', 'CUBLAS_DETERMINISTIC', 'PER_STEP_SCHEDULERS', 'seed_everything', 'pick_device', 'amp_dtype',
+           'Selector', 'Callback', 'Strategy', 'DDPStrategy', 'strategy_from_env', 'deterministic_kernels', 'Trainer']
 
 # %% ../nbs/05_trainer.ipynb #2834f53c
 def seed_everything(seed:int):
@@ -37,10 +37,6 @@ def pick_device(device:str='auto') -> torch.device:
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
         return torch.device('mps')
     return torch.device('cpu')
-
-# %% ../nbs/05_trainer.ipynb #f9b70235
-# mixed precision: by the GPU's compute capability, bfloat16, float16, none
-AMP_MODES = ('auto', 'bf16', 'fp16', 'off')
 
 # %% ../nbs/05_trainer.ipynb #2dd0a682
 # Ampere and later compute bf16 natively; torch.cuda.is_bf16_supported() also counts emulation
@@ -249,12 +245,6 @@ class DDPStrategy(Strategy):
 def strategy_from_env() -> Strategy:
     "`DDPStrategy` when this process is one of several that torchrun started (and joined their group), else `Strategy`."
     return DDPStrategy() if dist_rank_world()[1] > 1 else Strategy()
-
-# %% ../nbs/05_trainer.ipynb #bed31dcf
-OPTIMIZERS = ('adamw', 'sgd')
-
-# %% ../nbs/05_trainer.ipynb #56675e84
-SCHEDULERS = ('step', 'cosine', 'onecycle', 'plateau')   # or None: a constant learning rate
 
 # %% ../nbs/05_trainer.ipynb #e67064ee
 def _check_hp(hp:dict) -> dict:
