@@ -130,3 +130,29 @@ def tracking_server(postgres, tmp_path_factory):
     assert oct((srv.tmp/'basic_auth.ini').stat().st_mode & 0o777) == '0o600'             # it holds the passwords
     try: yield dict(uri=srv.uri, auth=srv.auth, artifacts=srv.artifacts, log=srv.log)
     finally: srv.stop()
+
+
+# ---------------------------------------------------------------- a local S3 (moto's server mode, over HTTP), once per session
+@pytest.fixture(scope='session')
+def s3_server(tmp_path_factory):
+    """A local S3-compatible server for the session: moto's server mode in its own process, spoken to over HTTP with an
+    endpoint URL, exactly as boto3 speaks to AWS. Returns a dict of `endpoint` and the environment (`env`: the endpoint
+    as AWS_ENDPOINT_URL_S3 and dummy credentials) that makes boto3 and the `mhist` commands use it."""
+    exe = BIN/'moto_server'
+    if not exe.exists(): pytest.skip('moto[server] is not installed (the dev extra)')
+    port, log = free_port(), tmp_path_factory.mktemp('moto')/'moto.log'
+    env = dict(AWS_ENDPOINT_URL_S3=f'http://127.0.0.1:{port}', AWS_ACCESS_KEY_ID='testing',
+               AWS_SECRET_ACCESS_KEY='testing', AWS_DEFAULT_REGION='us-east-1')
+    with open(log, 'wb') as f:
+        proc = subprocess.Popen([str(exe), '-H', '127.0.0.1', '-p', str(port)], stdout=f, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(200):
+            try:
+                with socket.create_connection(('127.0.0.1', port), 0.2): break
+            except OSError: time.sleep(0.05)
+        else: pytest.fail(f'moto server did not start: {log.read_text()[-2000:]}')
+        yield dict(endpoint=env['AWS_ENDPOINT_URL_S3'], env=env)
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: proc.kill()
