@@ -12,7 +12,7 @@ from pathlib import Path
 __all__ = ['P_HELP', 'MODELS_HELP', 'APP_FOLDERS', 'SUBCOMMANDS', 'cmd_synth', 'add_synth', 'summarize', 'cmd_check', 'add_check',
            'cmd_explore', 'add_explore', 'parse_parameters', 'cmd_run', 'add_run', 'cmd_sweep', 'add_sweep',
            'cmd_serve', 'add_serve', 'predict_files', 'prediction_table', 'cmd_predict', 'add_predict', 'app_env',
-           'app_command', 'cmd_app', 'add_app', 'build_parser', 'main']
+           'app_command', 'cmd_app', 'add_app', 'cmd_release', 'add_release', 'build_parser', 'main']
 
 # %% ../nbs/39_cli.ipynb #7745a22f
 def _error(msg, code:int) -> int:
@@ -375,8 +375,57 @@ def add_app(sub):
     a.add_argument('--port', type=int, default=8501, help='port (default 8501)')
     a.set_defaults(func=cmd_app)
 
+# %% ../nbs/39_cli.ipynb #f2923fd3
+def _release_targets(rel, args) -> list[str]:
+    "Publish the release folder `rel` where the flags of `mhist release` say; one line per target."
+    from mhist_nb.release import publish_s3, register_release, release_tarball
+    out = [f'release {rel.name} in {rel}']
+    if args.s3: out.append(f'published to {publish_s3(rel, args.s3, current=not args.no_current)}' +
+                           ('' if args.no_current else ' (current)'))
+    if args.tarball: out.append(f'SageMaker model archive {release_tarball(rel, args.tarball)}')
+    if args.register or args.alias:
+        out += [f'registered models:/{n}/{v}' + (f' (alias {args.alias})' if args.alias else '')
+                for n, v in register_release(rel, args.alias, args.model_prefix).items()]
+    return out
+
+# %% ../nbs/39_cli.ipynb #584c446b
+def cmd_release(args) -> int:
+    "Build a release of a reports folder and publish it; or, with --current, move an S3 prefix's `current` pointer."
+    from mhist_nb.release import ReleaseError, build_release, set_current
+    from mhist_nb.mlflow_runs import TrackingUnavailable
+    if bool(args.reports) == bool(args.current):
+        return _error('give a reports folder to release, or --s3 URI --current VERSION to move the pointer', 2)
+    if args.current and not args.s3: return _error('--current moves the pointer of an --s3 prefix: give --s3', 2)
+    try:
+        if args.current: print(f'{set_current(args.s3, args.current)} -> {args.current}'); return 0
+        for line in _release_targets(build_release(args.reports, args.out, args.version), args): print(line, flush=True)
+    except (ReleaseError, TrackingUnavailable, OSError) as e: return _error(e, 1)
+    return 0
+
+# %% ../nbs/39_cli.ipynb #218c91d4
+def add_release(sub):
+    "Add the parser of `mhist release` to sub-parsers `sub`."
+    r = sub.add_parser('release', help='make an immutable release of a run and publish it (S3, SageMaker, MLflow)',
+                       **_RAW, description='Build an immutable release (ONNX files, manifests, release.json) of a '
+                       "run's reports folder in --out,\nthen publish it to each target given. Servers take "
+                       '--models s3://.../releases/VERSION|current or models:/NAME@ALIAS.',
+                       epilog='examples:\n  mhist release reports/demo --s3 s3://my-bucket/mhist --alias champion\n'
+                              '  mhist release --s3 s3://my-bucket/mhist --current 20261206-101500-1a2b3c4d')
+    r.add_argument('reports', nargs='?', help='reports folder of a finished run (manifest_*.json and ONNX files)')
+    r.add_argument('--version', help='release version (default: UTC date-time and a digest of the files)')
+    r.add_argument('--out', default='releases', help='local folder of releases (default: releases)')
+    r.add_argument('--s3', default=os.environ.get('MHIST_RELEASE_S3'),
+                   help='publish under S3URI/releases/VERSION/ (default: $MHIST_RELEASE_S3)')
+    r.add_argument('--no-current', action='store_true', help="with --s3: leave the current pointer")
+    r.add_argument('--current', metavar='VERSION', help='with --s3 and no reports folder: move current to VERSION')
+    r.add_argument('--tarball', metavar='PATH', help='also write a SageMaker model.tar.gz of the release to PATH')
+    r.add_argument('--register', action='store_true', help='register a model version per family in the MLflow registry')
+    r.add_argument('--alias', help='move this registry alias (e.g. champion) to the new versions (implies --register)')
+    r.add_argument('--model-prefix', default='mhist-', help='registered model names: PREFIX + family (default: mhist-)')
+    r.set_defaults(func=cmd_release)
+
 # %% ../nbs/39_cli.ipynb #e84cdef0
-SUBCOMMANDS = (add_synth, add_check, add_explore, add_run, add_sweep, add_serve, add_predict, add_app)
+SUBCOMMANDS = (add_synth, add_check, add_explore, add_run, add_sweep, add_serve, add_predict, add_app, add_release)
 
 def build_parser() -> argparse.ArgumentParser:
     "The `mhist` argument parser with its sub-commands."

@@ -6,19 +6,21 @@
 from __future__ import annotations
 import ast, copy, dataclasses, functools, inspect, json, os, shutil, sys, time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 import yaml
 from .params import EXPERIMENTS, param_problems
 # data, synth and trainer (PyTorch) are imported where they are needed, so `mhist run` starts and checks a file light
-from .mlflow_runs import finish_run, mlflow_retry_bounds, start_run, tracking_client, tracking_enabled, try_mlflow
+from .mlflow_runs import (finish_run, git_commit, mlflow_retry_bounds, start_run, tracking_client,
+                                  tracking_enabled, try_mlflow)
 
 # %% auto #0
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
            'TQDM_WARNING_FILTER', 'SM_VARS', 'ParamsError', 'project_notebook', 'notebook_key', 'notebook_parameters',
            'notebook_types', 'type_members', 'coerce', 'dict_fields', 'check_param', 'load_params', 'is_weights_path',
            'resolve_paths', 'notebook_params', 'notebook_timeout', 'NotebookError', 'to_html', 'kernel_env',
-           'run_notebook', 'path_problems', 'check_paths', 'ensure_data', 'run_pipeline', 'sagemaker_distributed',
-           'training_notebooks', 'sagemaker_join', 'sagemaker_main']
+           'run_notebook', 'path_problems', 'check_paths', 'ensure_data', 'write_run_record', 'run_pipeline',
+           'sagemaker_distributed', 'training_notebooks', 'sagemaker_join', 'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
 DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
@@ -583,6 +585,15 @@ def _run_one(cfg:dict, nb, out:Path, name:str, client, uri, quiet:bool):
         if not quiet:
             print(f'[{name}] {key} {"done" if ok else "FAILED"} in {time.perf_counter() - t0:.0f} s', flush=True)
 
+# %% ../nbs/30_pipeline.ipynb #4daef69c
+def write_run_record(out:Path, params_file, name:str, overrides:dict|None) -> Path:
+    "Note in `out/pipeline.json` what produced the folder: the parameter file, overrides, commit and start time."
+    rec = dict(name=name, params_file=None if isinstance(params_file, dict) else str(params_file),
+               overrides=overrides or {}, git_commit=git_commit(),
+               started=datetime.now(timezone.utc).isoformat(timespec='seconds'))
+    (out/'pipeline.json').write_text(json.dumps(rec, indent=1, default=str) + '\n')
+    return out/'pipeline.json'
+
 # %% ../nbs/30_pipeline.ipynb #6efde0d9
 def run_pipeline(params_file,                 # a parameter file (path) or its dict
                  name:str|None=None,          # report folder and run-name prefix (default: the file's `name`)
@@ -598,6 +609,7 @@ def run_pipeline(params_file,                 # a parameter file (path) or its d
     ensure_data(cfg, quiet)
     check_paths(cfg)
     out = (Path(reports)/name).resolve(); out.mkdir(parents=True, exist_ok=True)
+    write_run_record(out, params_file, name, overrides)
     for nb in cfg['run']: _run_one(cfg, nb, out, name, client, uri, quiet)
     return out
 
