@@ -15,6 +15,9 @@ __all__ = ['MANIFEST_REQUIRED', 'ACCEPTED_FORMATS', 'RESIZE_POLICIES', 'check_ma
            'onnx_logits', 'open_model', 'ImageError', 'decode_image', 'preprocess', 'classify', 'ExplainTimeout',
            'occlusion_map', 'ModelError', 'manifest_paths', 'model_name', 'Predictor']
 
+# %% ../nbs/20_serve.ipynb #efcced0e
+from .release import ReleaseError, local_models
+
 # %% ../nbs/20_serve.ipynb #d495f79d
 MANIFEST_REQUIRED = ('model', 'family', 'onnx', 'sha256', 'input', 'output', 'mean', 'std', 'class_names',
                      'threshold', 'threshold_rule')
@@ -189,11 +192,16 @@ class ModelError(RuntimeError):
     "A model that cannot be served; the message names the file."
 
 # %% ../nbs/20_serve.ipynb #dc90671b
+def _local(models) -> Path:
+    "The local path of `models` (a remote release fetched and verified by `local_models`), or a ModelError."
+    try: return Path(local_models(models))
+    except ReleaseError as e: raise ModelError(str(e)) from None
+
 def manifest_paths(models) -> list[Path]:
-    "Manifest files of `models`: a folder (its `manifest_*.json`), one manifest file, or a list of either."
+    "Manifest files of `models`: a folder, a release (`s3://…`, `models:/…`), one manifest file, or a list of these."
     if isinstance(models, (str, Path)): models = [models]
     out = []
-    for p in map(Path, models):
+    for p in map(_local, models):
         if p.is_dir():
             found = sorted(p.glob('manifest_*.json'))
             if not found: raise ModelError(f'no manifest_*.json in {p} (run the pipeline, '
