@@ -193,11 +193,14 @@ def _serve_config(args) -> tuple:
     ("The server's settings (flags over MHIST_* variables) and the names "
      "of the models it would serve; ModelError or ValueError if none.")
     from mhist_nb.api import ServeConfig
+    from mhist_nb.release import ReleaseError, local_models
     from mhist_nb.serve import Predictor, ModelError
     cfg = ServeConfig.from_env(model_dir=args.models, threads=args.threads, resize=args.resize,
                                max_batch=args.max_batch, max_body_mb=args.max_body_mb)
     if not cfg.model_dir:
         raise ModelError('no model folder: pass --models DIR (e.g. reports/demo) or set MHIST_MODEL_DIR')
+    try: cfg.model_dir = str(Path(local_models(cfg.model_dir)).resolve())   # a release: fetched once, for every worker
+    except ReleaseError as e: raise ModelError(str(e)) from None
     return cfg, list(Predictor(cfg.model_dir, threads=1, resize=cfg.resize).models)
 
 # %% ../nbs/39_cli.ipynb #3e0adafe
