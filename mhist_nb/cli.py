@@ -324,9 +324,11 @@ APP_FOLDERS = (('reports', 'MHIST_REPORTS'), ('models', 'MHIST_MODEL_DIR'), ('da
 def app_env(args) -> dict:
     ("The page's environment: this one, with the folder flags (which "
      "must exist) and `--api` (an http(s) URL) as MHIST_* variables.")
+    from mhist_nb.release import is_remote
     env = dict(os.environ)
     for flag, var in APP_FOLDERS:
         v = getattr(args, flag)
+        if flag == 'models' and is_remote(v): env[var] = v; continue       # a release: the page fetches it
         if v and not Path(v).is_dir(): raise FileNotFoundError(f'--{flag.replace("_", "-")} {v}: no such folder')
         if v: env[var] = str(Path(v).resolve())
     if args.api and not args.api.startswith(('http://', 'https://')):
