@@ -421,8 +421,8 @@ def cmd_sagemaker_train(args) -> int:
         print('\n'.join(f'  {f}' for f in package.files))
         print('dry run: nothing uploaded, no job created')
         return 0
-    if find_spec('boto3') is None: return _error("boto3 is not installed: pip install boto3 (or 'mhist_nb[serve]')", 2)
-    import botocore.exceptions   # boto3's: only a submission needs it
+    try: from botocore.exceptions import BotoCoreError, ClientError   # boto3's, optional (the serve extra)
+    except ImportError: return _error("boto3 is not installed: pip install boto3 (or 'mhist_nb[serve]')", 2)
     try:
         sm, s3, logs = smj.aws_clients(region)
         arn = smj.submit(sm, s3, package, req)
@@ -431,7 +431,7 @@ def cmd_sagemaker_train(args) -> int:
         if args.wait: return _follow_job(smj, sm, s3, logs, job, args)
         print(f'follow it: aws sagemaker describe-training-job --training-job-name {job}')
         return 0
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e: return _error(f'AWS: {e}', 1)
+    except (BotoCoreError, ClientError, smj.SageMakerJobError) as e: return _error(f'AWS: {e}', 1)
 
 # %% ../nbs/39_cli.ipynb #3d8a17f2
 def add_sagemaker(sub):

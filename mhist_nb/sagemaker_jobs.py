@@ -225,7 +225,8 @@ def prepare_job(params,                       # parameter file, a tracked file o
 # %% ../nbs/33_sagemaker.ipynb #7a2497d4
 def aws_clients(region:str) -> tuple:
     "boto3 clients for SageMaker, S3 and CloudWatch Logs in `region` (endpoints may come from AWS_ENDPOINT_URL_*)."
-    import boto3   # here, not at the top: boto3 is optional (the serve extra) and only this needs it
+    try: import boto3   # here, not at the top: boto3 is optional (the serve extra) and only a submission needs it
+    except ImportError: raise SageMakerJobError("boto3 is not installed: pip install boto3 (or 'mhist_nb[serve]')") from None
     session = boto3.session.Session(region_name=region)
     return session.client('sagemaker'), session.client('s3'), session.client('logs')
 
