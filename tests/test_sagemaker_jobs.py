@@ -214,3 +214,14 @@ def test_a_failed_job_is_exit_code_1_with_its_reason(aws, monkeypatch, capsys):
         assert cli.main(ARGS + ['--wait', '--poll', '0', '--download', 'dl']) == 1
     assert 'error: j1 failed: AlgorithmError: exit 1' in capsys.readouterr().err
     assert not (aws['repo']/'dl').exists()
+
+
+def test_console_script_refuses_in_one_line(tmp_path):
+    "As a user sees it: `mhist sagemaker train` without a role or S3 prefix is one line on stderr, exit 2, no traceback."
+    from conftest import mhist
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MHIST_')}
+    r = mhist('sagemaker', 'train', 'params/demo.yaml', '--data', 's3://b/mhist', env=env, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == ''
+    assert r.stderr == 'error: missing --role (or MHIST_SAGEMAKER_ROLE), --s3-prefix (or MHIST_S3_PREFIX)\n'
+    r = mhist('sagemaker', env=env)
+    assert r.returncode == 2 and 'usage: mhist sagemaker' in r.stderr and 'train' in mhist('sagemaker', '--help').stdout
