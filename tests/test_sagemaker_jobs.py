@@ -6,7 +6,7 @@ CreateTrainingJob but runs nothing, so there is no InProgress -> Completed, no l
 Stubber still checks each request against the service's API model as well as against the exact parameters expected.
 S3 and CloudWatch Logs are the local server's, reached over HTTP through the AWS_ENDPOINT_URL_* variables, as boto3
 reaches AWS. The entry point the job runs is tested from this package in tests/test_pipeline.py."""
-import io, json, os, subprocess, tarfile, time, tomllib
+import io, json, os, subprocess, sys, tarfile, time, tomllib
 from pathlib import Path
 
 import boto3, pytest
@@ -60,6 +60,19 @@ def test_package_of_this_repository_holds_what_the_job_needs():
     assert 'sagemaker/inference.py' not in pkg.files
     # the toolkit installs requirements.txt: the project itself, editable, so mhist_nb finds nbs/ beside it
     assert '-e .' in (ROOT/'requirements.txt').read_text().splitlines()
+
+
+def test_package_has_what_pip_install_e_needs(tmp_path):
+    "The unpacked package builds the metadata of its editable install (pyproject.toml, the package, its version)."
+    code = tmp_path/'code'
+    with tarfile.open(fileobj=io.BytesIO(smj.source_package(ROOT, allow_dirty=True).data)) as t:
+        t.extractall(code, filter='data')
+    prog = ('import sys, tempfile; from setuptools import build_meta as b; '
+            'd = tempfile.mkdtemp(); print(open(f"{d}/{b.prepare_metadata_for_build_editable(d)}/METADATA").read())')
+    r = subprocess.run([sys.executable, '-c', prog], cwd=code, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = r.stdout
+    assert 'Name: mhist_nb' in meta and 'Requires-Dist: torch' in meta and 'Requires-Dist: papermill' in meta
 
 
 def test_package_is_a_commit_and_a_dirty_tree_is_refused(repo):
