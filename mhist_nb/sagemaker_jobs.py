@@ -172,7 +172,7 @@ def training_job_request(job:str, image:str, role:str, source_uri:str, data_uri:
     req = {'TrainingJobName': job,
            'AlgorithmSpecification': {'TrainingImage': image, 'TrainingInputMode': 'File'},
            'RoleArn': role,
-           'HyperParameters': {k: json.dumps(v) for k, v in hps.items()},
+           'HyperParameters': {k: json.dumps(v, default=str) for k, v in hps.items()},   # YAML dates as text
            'InputDataConfig': [{'ChannelName': 'training', 'DataSource': {'S3DataSource': {
                'S3DataType': 'S3Prefix', 'S3Uri': data_uri, 'S3DataDistributionType': 'FullyReplicated'}}}],
            'OutputDataConfig': {'S3OutputPath': output_uri},
