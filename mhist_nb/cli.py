@@ -9,10 +9,11 @@ from importlib.util import find_spec
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['P_HELP', 'MODELS_HELP', 'APP_FOLDERS', 'SUBCOMMANDS', 'cmd_synth', 'add_synth', 'summarize', 'cmd_check', 'add_check',
-           'cmd_explore', 'add_explore', 'parse_parameters', 'cmd_run', 'add_run', 'cmd_sweep', 'add_sweep',
-           'cmd_serve', 'add_serve', 'predict_files', 'prediction_table', 'cmd_predict', 'add_predict', 'app_env',
-           'app_command', 'cmd_app', 'add_app', 'cmd_release', 'add_release', 'build_parser', 'main']
+__all__ = ['P_HELP', 'MODELS_HELP', 'APP_FOLDERS', 'SAGEMAKER_ENV', 'SUBCOMMANDS', 'cmd_synth', 'add_synth', 'summarize',
+           'cmd_check', 'add_check', 'cmd_explore', 'add_explore', 'parse_parameters', 'cmd_run', 'add_run',
+           'cmd_sweep', 'add_sweep', 'cmd_serve', 'add_serve', 'predict_files', 'prediction_table', 'cmd_predict',
+           'add_predict', 'app_env', 'app_command', 'cmd_app', 'add_app', 'cmd_release', 'add_release',
+           'cmd_sagemaker_train', 'add_sagemaker', 'build_parser', 'main']
 
 # %% ../nbs/39_cli.ipynb #7745a22f
 def _error(msg, code:int) -> int:
@@ -429,8 +430,105 @@ def add_release(sub):
     r.add_argument('--model-prefix', default='mhist-', help='registered model names: PREFIX + family (default: mhist-)')
     r.set_defaults(func=cmd_release)
 
+# %% ../nbs/39_cli.ipynb #d48ec115
+SAGEMAKER_ENV = dict(role='MHIST_SAGEMAKER_ROLE', data='MHIST_SAGEMAKER_DATA', s3_prefix='MHIST_S3_PREFIX',
+                     image_uri='MHIST_SAGEMAKER_IMAGE')
+
+def _follow_job(smj, sm, s3, logs, job:str, args) -> int:
+    "Follow a started job to its end; download its outputs when it completed. The exit code."
+    try: d = smj.wait_for_job(sm, logs, job, poll=args.poll)
+    except KeyboardInterrupt:
+        print(f'\nno longer following {job}; it goes on (aws sagemaker stop-training-job --training-job-name {job})')
+        return 130
+    if d['TrainingJobStatus'] != 'Completed':
+        return _error(f'{job} {d["TrainingJobStatus"].lower()}: {d.get("FailureReason") or "no reason given"}', 1)
+    got = smj.download_outputs(s3, d, Path(args.download or Path('reports')/'sagemaker'/job))
+    for what, folder in got.items(): print(f'{what}: {folder}')
+    print(f'{job} completed' + ('' if got else ' (it wrote no model or output archive)'))
+    return 0
+
+# %% ../nbs/39_cli.ipynb #fe66e538
+def cmd_sagemaker_train(args) -> int:
+    "Package HEAD, upload it and start a SageMaker training job of a parameter file; with --wait, follow it to its end."
+    from mhist_nb import sagemaker_jobs as smj
+    from mhist_nb.pipeline import ParamsError
+    given = {k: getattr(args, k) or os.environ.get(v) for k, v in SAGEMAKER_ENV.items()}
+    missing = [f'--{k.replace("_", "-")} (or {v})' for k, v in SAGEMAKER_ENV.items() if k != 'image_uri' and not given[k]]
+    if missing: return _error(f'missing {", ".join(missing)}', 2)
+    region = args.region or smj.default_region()
+    if not region: return _error('no AWS region: pass --region or set AWS_REGION', 2)
+    try: package, req = smj.prepare_job(
+            args.params, parse_parameters(args.parameter), role=given['role'], data=given['data'],
+            s3_prefix=given['s3_prefix'], region=region, image=given['image_uri'], torch_version=args.torch_version,
+            instance_type=args.instance_type, instance_count=args.instance_count, name=args.name,
+            distributed=args.distributed, job=args.job_name, volume_gb=args.volume_size, max_run_s=args.max_run,
+            allow_dirty=args.allow_dirty)
+    except (smj.SageMakerJobError, ParamsError) as e: return _error(e, 2)
+    if package.dirty:
+        print(f'warning: packaging the working copies: {len(package.changed)} file(s) differ from commit '
+              f'{package.commit[:12]} ({", ".join(package.changed)}); the job is tagged mhist:dirty', file=sys.stderr)
+    job = req['TrainingJobName']
+    if args.dry_run:
+        print(json.dumps(req, indent=2))
+        print(f'\nsourcedir.tar.gz: {len(package.files)} files, {len(package.data)} bytes, from commit {package.commit}'
+              + (' with the working copies' if package.dirty else ''))
+        print('\n'.join(f'  {f}' for f in package.files))
+        print('dry run: nothing uploaded, no job created')
+        return 0
+    try: from botocore.exceptions import BotoCoreError, ClientError   # boto3's, optional (the serve extra)
+    except ImportError: return _error("boto3 is not installed: pip install boto3 (or 'mhist_nb[serve]')", 2)
+    try:
+        sm, s3, logs = smj.aws_clients(region)
+        arn = smj.submit(sm, s3, package, req)
+        print(f'started {arn}\n  code:    {json.loads(req["HyperParameters"]["sagemaker_submit_directory"])}\n'
+              f'  outputs: {req["OutputDataConfig"]["S3OutputPath"]}/{job}/output/', flush=True)
+        if args.wait: return _follow_job(smj, sm, s3, logs, job, args)
+        print(f'follow it: aws sagemaker describe-training-job --training-job-name {job}')
+        return 0
+    except (BotoCoreError, ClientError, smj.SageMakerJobError) as e: return _error(f'AWS: {e}', 1)
+
+# %% ../nbs/39_cli.ipynb #3d8a17f2
+def add_sagemaker(sub):
+    "Add the parser of `mhist sagemaker` (action `train`) to sub-parsers `sub`."
+    s = sub.add_parser('sagemaker', help='train on SageMaker: a commit, packaged, as a training job', description=
+                       'SageMaker training jobs from this clone (boto3; AWS credentials and region as boto3 reads them).')
+    actions = s.add_subparsers(dest='action', required=True, metavar='ACTION')
+    t = actions.add_parser('train', help='start a training job of a parameter file', **_RAW, description=
+                           'Package HEAD (mhist_nb/, nbs/, params/, sagemaker/train.py, pyproject.toml, README.md,\n'
+                           'requirements.txt), check PARAMS and its -p overrides, upload the package to S3 and create a\n'
+                           "training job on AWS's PyTorch training image that runs sagemaker/train.py on the data.",
+                           epilog='examples:\n'
+                                  '  export MHIST_SAGEMAKER_ROLE=arn:aws:iam::ACCOUNT:role/NAME\n'
+                                  '  export MHIST_S3_PREFIX=s3://BUCKET/mhist-jobs MHIST_SAGEMAKER_DATA=s3://BUCKET/mhist\n'
+                                  '  mhist sagemaker train params/mhist_gpu.yaml --dry-run\n'
+                                  '  mhist sagemaker train params/mhist_gpu.yaml -p 11_train_vit.lr_full 2e-5 --wait')
+    t.add_argument('params', help='parameter file, tracked in the repository, e.g. params/mhist_gpu.yaml')
+    _add_parameter(t)
+    t.add_argument('--name', help="run name (the job's reports/NAME; default: the file's `name`)")
+    t.add_argument('--instance-type', default='ml.g5.xlarge', help='default ml.g5.xlarge (one A10G GPU)')
+    t.add_argument('--instance-count', type=int, default=1, help='instances, every GPU of each used (default 1)')
+    t.add_argument('--role', help='IAM role ARN the job runs as (default: $MHIST_SAGEMAKER_ROLE)')
+    t.add_argument('--data', help='s3:// URI of the MHIST copy, the training channel (default: $MHIST_SAGEMAKER_DATA)')
+    t.add_argument('--s3-prefix', help='s3:// URI for the package and the outputs (default: $MHIST_S3_PREFIX)')
+    t.add_argument('--region', help='AWS region (default: as boto3 finds it: AWS_REGION, AWS_DEFAULT_REGION, config)')
+    t.add_argument('--image-uri', help="training image (default: $MHIST_SAGEMAKER_IMAGE, else AWS's PyTorch image)")
+    t.add_argument('--torch-version', help='pick the PyTorch image of this version (default: the installed torch)')
+    t.add_argument('--job-name', help='training job name (default mhist-NAME-YYYY-mm-dd-HHMMSS)')
+    t.add_argument('--distributed', choices=('auto', 'off'),
+                   help="auto: every GPU of every instance (the entry's default); off: one process")
+    t.add_argument('--volume-size', type=int, default=30, help='GB of storage per instance (default 30)')
+    t.add_argument('--max-run', type=int, default=86400, help='seconds before SageMaker stops the job (default 86400)')
+    t.add_argument('--allow-dirty', action='store_true',
+                   help='package the working copies of the tracked files when they differ from HEAD')
+    t.add_argument('--dry-run', action='store_true', help='print the request and the package\'s files; send nothing')
+    t.add_argument('--wait', action='store_true', help='follow the job (status, logs); download its outputs when it ends')
+    t.add_argument('--poll', type=float, default=30, help='seconds between status checks with --wait (default 30)')
+    t.add_argument('--download', help='folder for the outputs with --wait (default reports/sagemaker/JOB)')
+    t.set_defaults(func=cmd_sagemaker_train)
+
 # %% ../nbs/39_cli.ipynb #e84cdef0
-SUBCOMMANDS = (add_synth, add_check, add_explore, add_run, add_sweep, add_serve, add_predict, add_app, add_release)
+SUBCOMMANDS = (add_synth, add_check, add_explore, add_run, add_sweep, add_serve, add_predict, add_app, add_release,
+               add_sagemaker)
 
 def build_parser() -> argparse.ArgumentParser:
     "The `mhist` argument parser with its sub-commands."

@@ -1,7 +1,7 @@
 """The papermill pipeline from the command line: parameter checking, a failing notebook, a sweep, the SageMaker entry.
 
 Each test uses its own throw-away MLflow store (MLFLOW_TRACKING_URI) and report folder."""
-import html, json, os, re, subprocess, sys, time
+import html, io, json, os, re, subprocess, sys, tarfile, time
 from pathlib import Path
 import nbformat, pandas as pd, pytest, yaml
 from conftest import ROOT, free_port, mhist
@@ -102,13 +102,24 @@ def test_tiny_sweep(tmp_path, env):
 
 
 def test_sagemaker_entry_contract(tmp_path, env, synth_dir):
-    params = write_yaml(tmp_path/'sm.yaml', {'name': 'sm', 'run': ['10_train_mlp'],
-                                             'common': {'data_dir': 'set-by-sagemaker', 'seed': 0, 'quiet': True},
-                                             '10_train_mlp': {'epochs': 2}})
+    """The entry as the PyTorch container's training toolkit runs it: `python sagemaker/train.py` with the
+    hyper-parameters also as arguments, from the unpacked package that `mhist sagemaker train` uploads (this working
+    tree's), where the toolkit's `pip install -r requirements.txt` installs the project editable (PYTHONPATH here)."""
+    from mhist_nb.sagemaker_jobs import source_package
+    code = tmp_path/'code'
+    with tarfile.open(fileobj=io.BytesIO(source_package(ROOT, allow_dirty=True).data)) as t: t.extractall(code, filter='data')
+    write_yaml(code/'params'/'sm.yaml', {'name': 'sm', 'run': ['10_train_mlp'],
+                                         'common': {'data_dir': 'set-by-sagemaker', 'seed': 0, 'quiet': True},
+                                         '10_train_mlp': {'epochs': 2}})
+    job = dict(env, PYTHONPATH=str(code))
+    r = subprocess.run([sys.executable, '-c', 'import mhist_nb; print(mhist_nb.__file__)'], env=job, cwd=code,
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == str(code/'mhist_nb'/'__init__.py'), r.stdout + r.stderr    # the package's copy
+    hps = {'params': 'params/sm.yaml', 'name': 'job1', '10_train_mlp.epochs': 1}
     sm = {'SM_CHANNEL_TRAINING': str(synth_dir), 'SM_MODEL_DIR': str(tmp_path/'model'),
-          'SM_OUTPUT_DATA_DIR': str(tmp_path/'output'),
-          'SM_HPS': json.dumps({'params': str(params), 'name': 'job1', '10_train_mlp.epochs': 1})}
-    r = subprocess.run([sys.executable, str(ROOT/'sagemaker'/'train.py')], env={**env, **sm}, capture_output=True, text=True)
+          'SM_OUTPUT_DATA_DIR': str(tmp_path/'output'), 'SM_HPS': json.dumps(hps)}
+    argv = [sys.executable, 'sagemaker/train.py', *[a for k, v in hps.items() for a in (f'--{k}', str(v))]]
+    r = subprocess.run(argv, env={**job, **sm}, cwd=code, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     out, model = tmp_path/'output'/'job1', tmp_path/'model'
     assert (out/'10_train_mlp.ipynb').is_file() and (out/'10_train_mlp.html').is_file()
@@ -118,10 +129,10 @@ def test_sagemaker_entry_contract(tmp_path, env, synth_dir):
     assert (model/'predictions_mlp_val.csv').is_file() and (model/'predictions_mlp_test.csv').is_file()
     assert list(model.rglob('best.pt'))
     # a mistyped hyper-parameter is rejected, naming it; missing SageMaker variables are reported
-    bad = dict(sm, SM_HPS=json.dumps({'params': str(params), '10_train_mlp.epoks': 1}))
-    r = subprocess.run([sys.executable, str(ROOT/'sagemaker'/'train.py')], env={**env, **bad}, capture_output=True, text=True)
+    bad = dict(sm, SM_HPS=json.dumps({'params': 'params/sm.yaml', '10_train_mlp.epoks': 1}))
+    r = subprocess.run(argv[:2], env={**job, **bad}, cwd=code, capture_output=True, text=True)
     assert r.returncode == 1 and "unknown parameter 'epoks'" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT/'sagemaker'/'train.py')], env={k: v for k, v in env.items() if not k.startswith('SM_')},
+    r = subprocess.run(argv[:2], env={k: v for k, v in job.items() if not k.startswith('SM_')}, cwd=code,
                        capture_output=True, text=True)
     assert r.returncode == 2 and 'SM_CHANNEL_TRAINING' in r.stderr
 
