@@ -444,6 +444,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'mhist_nb.pipeline.is_weights_path': ('pipeline.html#is_weights_path', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline.kernel_env': ('pipeline.html#kernel_env', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline.load_params': ('pipeline.html#load_params', 'mhist_nb/pipeline.py'),
+                                   'mhist_nb.pipeline.model_output': ('pipeline.html#model_output', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline.notebook_key': ('pipeline.html#notebook_key', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline.notebook_parameters': ('pipeline.html#notebook_parameters', 'mhist_nb/pipeline.py'),
                                    'mhist_nb.pipeline.notebook_params': ('pipeline.html#notebook_params', 'mhist_nb/pipeline.py'),

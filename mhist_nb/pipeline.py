@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_pipeline.ipynb #f81b8b24
 from __future__ import annotations
-import ast, copy, dataclasses, functools, inspect, json, os, shutil, sys, time
+import ast, copy, dataclasses, functools, inspect, json, os, shutil, sys, tempfile, time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +13,7 @@ from .params import EXPERIMENTS, param_problems
 # data, synth and trainer (PyTorch) are imported where they are needed, so `mhist run` starts and checks a file light
 from .mlflow_runs import (finish_run, git_commit, mlflow_retry_bounds, start_run, tracking_client,
                                   tracking_enabled, try_mlflow)
+from .release import ReleaseError, build_release
 
 # %% auto #0
 __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 'WEIGHT_SUFFIXES', 'REPORT_HIDE',
@@ -20,7 +21,7 @@ __all__ = ['DEFAULT_RUN', 'TOP_KEYS', 'NB_RESERVED', 'SYNTH_KEYS', 'PATH_KEYS', 
            'notebook_types', 'type_members', 'coerce', 'dict_fields', 'check_param', 'load_params', 'is_weights_path',
            'resolve_paths', 'notebook_params', 'notebook_timeout', 'NotebookError', 'to_html', 'kernel_env',
            'run_notebook', 'path_problems', 'check_paths', 'ensure_data', 'write_run_record', 'run_pipeline',
-           'sagemaker_distributed', 'training_notebooks', 'sagemaker_join', 'sagemaker_main']
+           'model_output', 'sagemaker_distributed', 'training_notebooks', 'sagemaker_join', 'sagemaker_main']
 
 # %% ../nbs/30_pipeline.ipynb #2eaa88da
 DEFAULT_RUN = ('02_explore', '10_train_mlp', '11_train_vit', '12_threshold', '13_onnx', '14_compare', '15_explain')
@@ -624,6 +625,20 @@ def _copy_model_files(rep:Path, model_dir:Path):
         if f.is_file() and (f.name == 'best.pt' or f.name.startswith('predictions_')):
             dst = model_dir/f.relative_to(rep); dst.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, dst)
 
+# %% ../nbs/30_pipeline.ipynb #3a55b8fa
+def model_output(rep:Path, model_dir:Path, version:str|None=None) -> str:
+    "Fill SageMaker's model folder from report folder `rep`: a release at its root, else checkpoints; what it holds."
+    model_dir.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix='.release-', dir=model_dir))
+    try:
+        rel = build_release(rep, build, version)
+        for f in rel.iterdir(): shutil.move(str(f), str(model_dir/f.name))
+        return f'release {rel.name}'
+    except ReleaseError as e:
+        _copy_model_files(rep, model_dir)
+        return f'checkpoints and predictions, no release ({e})'
+    finally: shutil.rmtree(build, ignore_errors=True)
+
 # %% ../nbs/30_pipeline.ipynb #5eaeec35
 def sagemaker_distributed(env:dict, mode:str='auto', port:int=29500) -> dict|None:
     "The `distributed` mapping of this SageMaker instance: every GPU of every instance; None for one process."
@@ -661,6 +676,7 @@ def sagemaker_main(argv=None) -> int:
     if missing: print(f'error: SageMaker variables not set: {missing}', file=sys.stderr); return 2
     hps = json.loads(env.get('SM_HPS') or '{}')
     params, name = hps.pop('params', 'params/mhist_gpu.yaml'), hps.pop('name', 'sagemaker')
+    version = hps.pop('release_version', None)
     mode, port = hps.pop('distributed', 'auto'), int(hps.pop('master_port', 29500))
     data_dir, model_dir, out_dir = (Path(env[k]) for k in SM_VARS)
     try:
@@ -673,6 +689,5 @@ def sagemaker_main(argv=None) -> int:
         rep = run_pipeline({k: v for k, v in cfg.items() if not k.startswith('_')}, name=name, reports=out_dir)
     except (ParamsError, NotebookError, FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr); return 1
-    _copy_model_files(rep, model_dir)
-    print(f'reports in {rep}; model artefacts in {model_dir}')
+    print(f'reports in {rep}; model output in {model_dir}: {model_output(rep, model_dir, version)}')
     return 0
