@@ -114,7 +114,7 @@ def test_run_notebooks_import_runtime_dependencies_only(name, runtime):
                      'dev extra:\n' + '\n'.join(bad))
 
 
-SERVING = ('core.py', 'serve.py', 'api.py', 'gunicorn_conf.py', 'aws_lambda.py')     # run from `pip install --no-deps` + the serve extra
+SERVING = ('core.py', 'release.py', 'serve.py', 'api.py', 'gunicorn_conf.py', 'aws_lambda.py')     # run from `pip install --no-deps` + the serve extra
 APP = ('app.py',)                      # the Streamlit page: `pip install --no-deps` + the serve and app extras
 
 
