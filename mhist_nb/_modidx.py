@@ -504,6 +504,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'mhist_nb.release.release_models': ('release.html#release_models', 'mhist_nb/release.py'),
                                   'mhist_nb.release.release_tarball': ('release.html#release_tarball', 'mhist_nb/release.py'),
                                   'mhist_nb.release.run_record': ('release.html#run_record', 'mhist_nb/release.py'),
+                                  'mhist_nb.release.runs_folder': ('release.html#runs_folder', 'mhist_nb/release.py'),
                                   'mhist_nb.release.s3_client': ('release.html#s3_client', 'mhist_nb/release.py'),
                                   'mhist_nb.release.s3_get': ('release.html#s3_get', 'mhist_nb/release.py'),
                                   'mhist_nb.release.set_current': ('release.html#set_current', 'mhist_nb/release.py'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/39_cli.ipynb #a93a49c2
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, json, os, sys, tempfile
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -396,15 +396,17 @@ def _release_targets(rel, args) -> list[str]:
 
 # %% ../nbs/39_cli.ipynb #584c446b
 def cmd_release(args) -> int:
-    "Build a release of a reports folder and publish it; or, with --current, move an S3 prefix's `current` pointer."
-    from mhist_nb.release import ReleaseError, build_release, set_current
+    "Build a release of a reports folder (or of MLflow runs) and publish it; or, with --current, move S3's pointer."
+    from mhist_nb.release import ReleaseError, build_release, runs_folder, set_current
     from mhist_nb.mlflow_runs import TrackingUnavailable
-    if bool(args.reports) == bool(args.current):
-        return _error('give a reports folder to release, or --s3 URI --current VERSION to move the pointer', 2)
+    if [bool(args.reports), bool(args.runs), bool(args.current)].count(True) != 1:
+        return _error('give a reports folder or --runs RUN_ID... to release, or --s3 URI --current VERSION', 2)
     if args.current and not args.s3: return _error('--current moves the pointer of an --s3 prefix: give --s3', 2)
     try:
         if args.current: print(f'{set_current(args.s3, args.current)} -> {args.current}'); return 0
-        for line in _release_targets(build_release(args.reports, args.out, args.version), args): print(line, flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = args.reports or runs_folder(args.runs, Path(tmp)/'runs')
+            for line in _release_targets(build_release(src, args.out, args.version), args): print(line, flush=True)
     except (ReleaseError, TrackingUnavailable, OSError) as e: return _error(e, 1)
     return 0
 
@@ -418,6 +420,7 @@ def add_release(sub):
                        epilog='examples:\n  mhist release reports/demo --s3 s3://my-bucket/mhist --alias champion\n'
                               '  mhist release --s3 s3://my-bucket/mhist --current 20261206-101500-1a2b3c4d')
     r.add_argument('reports', nargs='?', help='reports folder of a finished run (manifest_*.json and ONNX files)')
+    r.add_argument('--runs', nargs='+', metavar='RUN_ID', help='release the ONNX files MLflow training runs logged')
     r.add_argument('--version', help='release version (default: UTC date-time and a digest of the files)')
     r.add_argument('--out', default='releases', help='local folder of releases (default: releases)')
     r.add_argument('--s3', default=os.environ.get('MHIST_RELEASE_S3'),
@@ -453,7 +456,8 @@ def cmd_sagemaker_train(args) -> int:
     from mhist_nb import sagemaker_jobs as smj
     from mhist_nb.pipeline import ParamsError
     given = {k: getattr(args, k) or os.environ.get(v) for k, v in SAGEMAKER_ENV.items()}
-    missing = [f'--{k.replace("_", "-")} (or {v})' for k, v in SAGEMAKER_ENV.items() if k != 'image_uri' and not given[k]]
+    missing = [f'--{k.replace("_", "-")} (or {v})' for k, v in SAGEMAKER_ENV.items()
+               if k != 'image_uri' and not given[k]]
     if missing: return _error(f'missing {", ".join(missing)}', 2)
     region = args.region or smj.default_region()
     if not region: return _error('no AWS region: pass --region or set AWS_REGION', 2)
@@ -490,16 +494,18 @@ def cmd_sagemaker_train(args) -> int:
 # %% ../nbs/39_cli.ipynb #3d8a17f2
 def add_sagemaker(sub):
     "Add the parser of `mhist sagemaker` (action `train`) to sub-parsers `sub`."
-    s = sub.add_parser('sagemaker', help='train on SageMaker: a commit, packaged, as a training job', description=
-                       'SageMaker training jobs from this clone (boto3; AWS credentials and region as boto3 reads them).')
+    s = sub.add_parser('sagemaker', help='train on SageMaker: a commit, packaged, as a training job',
+                       description='SageMaker training jobs from this clone (boto3; AWS credentials and region as '
+                                   'boto3 reads them).')
     actions = s.add_subparsers(dest='action', required=True, metavar='ACTION')
     t = actions.add_parser('train', help='start a training job of a parameter file', **_RAW, description=
                            'Package HEAD (mhist_nb/, nbs/, params/, sagemaker/train.py, pyproject.toml, README.md,\n'
-                           'requirements.txt), check PARAMS and its -p overrides, upload the package to S3 and create a\n'
-                           "training job on AWS's PyTorch training image that runs sagemaker/train.py on the data.",
+                           'requirements.txt), check PARAMS and its -p overrides, upload the package to S3 and\n'
+                           "create a training job on AWS's PyTorch training image that runs sagemaker/train.py.",
                            epilog='examples:\n'
                                   '  export MHIST_SAGEMAKER_ROLE=arn:aws:iam::ACCOUNT:role/NAME\n'
-                                  '  export MHIST_S3_PREFIX=s3://BUCKET/mhist-jobs MHIST_SAGEMAKER_DATA=s3://BUCKET/mhist\n'
+                                  '  export MHIST_S3_PREFIX=s3://BUCKET/mhist-jobs\n'
+                                  '  export MHIST_SAGEMAKER_DATA=s3://BUCKET/mhist\n'
                                   '  mhist sagemaker train params/mhist_gpu.yaml --dry-run\n'
                                   '  mhist sagemaker train params/mhist_gpu.yaml -p 11_train_vit.lr_full 2e-5 --wait')
     t.add_argument('params', help='parameter file, tracked in the repository, e.g. params/mhist_gpu.yaml')
@@ -521,7 +527,7 @@ def add_sagemaker(sub):
     t.add_argument('--allow-dirty', action='store_true',
                    help='package the working copies of the tracked files when they differ from HEAD')
     t.add_argument('--dry-run', action='store_true', help='print the request and the package\'s files; send nothing')
-    t.add_argument('--wait', action='store_true', help='follow the job (status, logs); download its outputs when it ends')
+    t.add_argument('--wait', action='store_true', help='follow the job (status, logs); download its outputs at the end')
     t.add_argument('--poll', type=float, default=30, help='seconds between status checks with --wait (default 30)')
     t.add_argument('--download', help='folder for the outputs with --wait (default reports/sagemaker/JOB)')
     t.set_defaults(func=cmd_sagemaker_train)

@@ -226,7 +226,8 @@ def prepare_job(params,                       # parameter file, a tracked file o
 def aws_clients(region:str) -> tuple:
     "boto3 clients for SageMaker, S3 and CloudWatch Logs in `region` (endpoints may come from AWS_ENDPOINT_URL_*)."
     try: import boto3   # here, not at the top: boto3 is optional (the serve extra) and only a submission needs it
-    except ImportError: raise SageMakerJobError("boto3 is not installed: pip install boto3 (or 'mhist_nb[serve]')") from None
+    except ImportError:
+        raise SageMakerJobError("boto3 is not installed: pip install boto3 (or 'mhist_nb[serve]')") from None
     session = boto3.session.Session(region_name=region)
     return session.client('sagemaker'), session.client('s3'), session.client('logs')
 
