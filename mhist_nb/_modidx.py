@@ -516,6 +516,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mhist_nb.serve.Predictor.predict': ('serve.html#predictor.predict', 'mhist_nb/serve.py'),
                                 'mhist_nb.serve._bad': ('serve.html#_bad', 'mhist_nb/serve.py'),
                                 'mhist_nb.serve._image_list': ('serve.html#_image_list', 'mhist_nb/serve.py'),
+                                'mhist_nb.serve._inside': ('serve.html#_inside', 'mhist_nb/serve.py'),
                                 'mhist_nb.serve._model_answers': ('serve.html#_model_answers', 'mhist_nb/serve.py'),
                                 'mhist_nb.serve._ms': ('serve.html#_ms', 'mhist_nb/serve.py'),
                                 'mhist_nb.serve._open_models': ('serve.html#_open_models', 'mhist_nb/serve.py'),

@@ -45,6 +45,17 @@ def check_manifest(m:dict, where) -> None:
     t = m['threshold']
     if not (isinstance(t, (int, float)) and 0 <= t <= 1): raise _bad(where, f'threshold must be in [0, 1], got {t!r}')
 
+# %% ../nbs/20_serve.ipynb #831d8a2f
+def _inside(manifest:Path, name) -> Path:
+    "The file `name` a manifest names, resolved inside the manifest's folder; a ValueError for any path that leaves it."
+    folder = manifest.resolve().parent
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise _bad(manifest, f'a model file must be a path relative to the manifest\'s folder, got {name!r}')
+    f = (folder / name).resolve()                                        # symbolic links and '..' resolved
+    if not f.is_relative_to(folder):
+        raise _bad(manifest, f'the model file {name!r} is outside the manifest\'s folder {folder}')
+    return f
+
 # %% ../nbs/20_serve.ipynb #13475499
 def read_manifest(path, verify:bool=True) -> dict:
     ("Read and check the manifest `path`; with `verify` the model "
@@ -54,7 +65,7 @@ def read_manifest(path, verify:bool=True) -> dict:
     try: m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise _bad(path, f'not valid JSON ({e})') from e
     check_manifest(m, path)
-    model_file = (path.parent / m['onnx']).resolve()
+    model_file = _inside(path, m['onnx'])
     if verify:
         if not model_file.is_file(): raise _bad(path, f'the model file it names, {model_file}, is missing')
         h = sha256(model_file)
