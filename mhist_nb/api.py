@@ -181,7 +181,7 @@ def _obj(**props) -> dict:
 _ERRORS = {'400': _answer('malformed request: bad JSON or base64, a missing field'), '404': _answer('unknown model'),
            '413': _answer('body or batch too large, or an image with too many pixels'),
            '415': _answer('unsupported content type'), '422': _answer('not an RGB tile of the model input size')}
-_B64 = {'type': 'string', 'contentEncoding': 'base64'}
+_B64 = {'type': 'string', 'format': 'byte'}                           # base64, in OpenAPI 3.0's words
 _IMAGE_BODY = {'content': {
     'multipart/form-data': {'schema': {'type': 'object', 'required': ['file'], 'properties': {
         'file': {'type': 'array', 'minItems': 1, 'items': {'type': 'string', 'format': 'binary'}}}}},
