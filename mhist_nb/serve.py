@@ -7,7 +7,7 @@ from __future__ import annotations
 import io, json, time, uuid, warnings
 from pathlib import Path
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from .core import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sigmoid, sha256
 
 # %% auto #0
@@ -124,7 +124,11 @@ def decode_image(data:bytes, size:int=224, resize:str='reject') -> np.ndarray:
             if im.format not in ACCEPTED_FORMATS:
                 raise ImageError(f'image format {im.format} is not accepted (use {"/".join(ACCEPTED_FORMATS)})')
             if im.mode != 'RGB': raise ImageError(f'image mode {im.mode} is not 8-bit RGB (a tile is an RGB image)')
+            pages = getattr(im, 'n_frames', 1)
+            if pages > 1: raise ImageError(f'the {im.format} image has {pages} pages; send one tile per image')
             w, h = im.size
+            if im.format != 'PNG' and im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+                w, h = h, w                                    # as shown (a PNG's EXIF is read only with its pixels)
             if resize == 'reject' and (w, h) != (size, size):
                 raise ImageError(f'image is {w}x{h} pixels, the model takes {size}x{size} tiles')
             if resize == 'center-crop' and min(w, h) < size:
@@ -134,6 +138,8 @@ def decode_image(data:bytes, size:int=224, resize:str='reject') -> np.ndarray:
                 raise ImageError(f'too many pixels: {e}', 413) from None
             except Exception as e:
                 raise ImageError(f'the image data is truncated or corrupt ({type(e).__name__}: {e})') from None
+            im = ImageOps.exif_transpose(im)                           # the pixels as the camera meant them
+            w, h = im.size
             if (w, h) != (size, size):
                 if resize == 'center-crop':
                     l, t = (w - size) // 2, (h - size) // 2
