@@ -270,6 +270,7 @@ def _model_answers(m:dict, session, tiles:np.ndarray, t_decode:float) -> list[di
 # %% ../nbs/20_serve.ipynb #81b6381e
 class Predictor:
     "One verified ONNX Runtime session per manifest, loaded once; predicts tiles with each model's own threshold."
+    INFO = ('model', 'family', 'input', 'output', 'class_names', 'threshold', 'threshold_rule', 'metrics')
     def __init__(self, models, threads:int|None=None, resize:str='reject', default=None):
         if resize not in RESIZE_POLICIES: raise ValueError(f'resize must be one of {RESIZE_POLICIES}, got {resize!r}')
         self.resize, self.models = resize, _open_models(models, threads)
@@ -285,9 +286,8 @@ class Predictor:
         return names
 
     def info(self) -> list[dict]:
-        "Each model's manifest without paths (what `GET /models` shows)."
-        drop = ('path', 'onnx_path', 'onnx')
-        return [dict(name=n, version=m['sha256'][:12], **{k: v for k, v in m.items() if k not in drop})
+        "What a client needs of each model (what `GET /models` shows): name, version and the manifest's `INFO` keys."
+        return [dict(name=n, version=m['sha256'][:12], **{k: m[k] for k in self.INFO if k in m})
                 for n, (m, _) in self.models.items()]
 
     def predict(self, images, models='both') -> list[dict]:
