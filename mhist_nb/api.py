@@ -4,14 +4,15 @@
 
 # %% ../nbs/22_api.ipynb #ced1b610
 from __future__ import annotations
-import base64, binascii, io, json, logging, os, sys, time, uuid
+import base64, binascii, io, json, logging, os, re, sys, time, uuid
 from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
+from werkzeug.wsgi import get_content_length
 from .core import CLASS_NAMES
 from .serve import Predictor, ImageError, ModelError, ExplainTimeout, RESIZE_POLICIES
 
@@ -97,7 +98,8 @@ def _form_images(req) -> tuple[list[bytes], list[str|None]]:
 # %% ../nbs/22_api.ipynb #62110979
 def _json_images(req) -> tuple[list[bytes], list[None]]:
     "The base64 images of a JSON body: one in `image`, or a list in `images`."
-    body = req.get_json(silent=True)
+    try: body = req.get_json(silent=True)
+    except RecursionError: raise APIError(400, 'bad JSON', 'the JSON is nested too deeply to read') from None
     if body is None: raise APIError(400, 'bad JSON', 'the body is not valid JSON')
     if not isinstance(body, dict) or not ({'image', 'images'} & set(body)):
         raise APIError(400, 'missing field', 'send {"image": "<base64>"} or {"images": ["<base64>", ...]}')
@@ -231,8 +233,8 @@ _INFO_PATHS = {
     '/ready': _get('models loaded', _obj(ready={'type': 'boolean'}, models={'type': 'array', 'items': _STR}),
                    more={'503': _answer('not ready')}),
     '/ping': _get('SageMaker health check', _obj(status=_STR)),
-    '/models': _get('the manifests (without paths)', _obj(models={'type': 'array', 'items': {'type': 'object'}},
-                                                          default={'type': 'array', 'items': _STR})),
+    '/models': _get('what a client needs of each model', _obj(models={'type': 'array', 'items': {
+                        '$ref': '#/components/schemas/ModelInfo'}}, default={'type': 'array', 'items': _STR})),
     '/openapi.json': _get('this document', {'type': 'object'}),
     '/metrics': _get('Prometheus text', _STR, 'text/plain')}
 
@@ -240,6 +242,11 @@ _INFO_PATHS = {
 _SCHEMAS = {
     'Error': {**_obj(error=_STR, detail=_STR),
               'properties': {'error': _STR, 'detail': _STR, 'request_id': {'type': 'string', 'nullable': True}}},
+    'ModelInfo': (_info := _obj(name=_STR, version=_STR, model=_STR, family=_STR, input={'type': 'object'},
+                                output={'type': 'object'}, class_names={'type': 'array', 'items': _STR},
+                                threshold=_NUM, threshold_rule=_STR)) | {
+                  'properties': {**_info['properties'], 'metrics': {'type': 'object'}},     # optional
+                  'additionalProperties': False},                                         # nothing else leaves
     'Prediction': _obj(label={'type': 'string', 'enum': list(CLASS_NAMES)},
                        p_ssa={'type': 'number', 'minimum': 0, 'maximum': 1},
                        logit=_NUM, threshold=_NUM, threshold_rule=_STR, model=_STR, version=_STR,
@@ -269,10 +276,38 @@ def _load_predictor(cfg:ServeConfig) -> Predictor:
     if not cfg.model_dir: raise ModelError('no model folder: set MHIST_MODEL_DIR or pass --models DIR')
     return Predictor(cfg.model_dir, threads=cfg.threads, resize=cfg.resize, default=cfg.default_models or None)
 
+# %% ../nbs/22_api.ipynb #a72a483c
+_SAFE_ID = re.compile(r'[A-Za-z0-9._-]{1,128}')
+
+def _request_id(given:str|None) -> str:
+    "The client's request id when it is a short safe token, else a new one (32 hex digits)."
+    return given if given and _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+
+# %% ../nbs/22_api.ipynb #e815ff94
+def _one_value_each(args):
+    "A 400 APIError naming the query parameters of `args` (a MultiDict) that are given more than once."
+    repeated = [k for k, v in args.lists() if len(v) > 1]
+    if repeated:
+        raise APIError(400, 'repeated parameter', f'query parameter(s) {repeated} given more than once; give each once')
+
+# %% ../nbs/22_api.ipynb #3f05c691
+def _read_unsized_body(environ:dict, limit:int):
+    ("A body without Content-Length that the server terminates (chunked): read at most `limit` bytes "
+     "into `environ`, with its length; RequestEntityTooLarge when there is more.")
+    if get_content_length(environ) is not None or not environ.get('wsgi.input_terminated'): return
+    chunks, n, stream = [], 0, environ['wsgi.input']
+    while n <= limit:
+        b = stream.read(min(1 << 16, limit + 1 - n))
+        if not b: break
+        chunks.append(b); n += len(b)
+    if n > limit: raise RequestEntityTooLarge()
+    environ['wsgi.input'], environ['CONTENT_LENGTH'] = io.BytesIO(b''.join(chunks)), str(n)
+    environ.pop('HTTP_TRANSFER_ENCODING', None)
+
 # %% ../nbs/22_api.ipynb #1d155182
 def _start_request():
     "Before a request: its id, its start time, and no model yet."
-    g.rid = request.headers.get('X-Request-Id') or uuid.uuid4().hex
+    g.rid = _request_id(request.headers.get('X-Request-Id'))
     g.t0, g.model = time.perf_counter(), '-'
 
 def _model_label(model:str, pred:Predictor) -> str:
@@ -290,8 +325,13 @@ def _cors(headers, origin:str|None, allowed:tuple):
 
 # %% ../nbs/22_api.ipynb #1beb1e99
 def _add_hooks(app:Flask, pred:Predictor, cfg:ServeConfig):
-    "Register the request hooks: an id and a clock before; the id header, CORS, metrics and a JSON log line after."
+    ("Register the request hooks: an id, a clock, one value per query parameter and a bounded body before; "
+     "the id header, CORS, metrics and a JSON log line after.")
     app.before_request(_start_request)
+    @app.before_request
+    def _check():
+        _one_value_each(request.args)
+        _read_unsized_body(request.environ, request.max_content_length)
     m = _metrics()
 
     @app.after_request
