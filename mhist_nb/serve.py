@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_serve.ipynb #8f15cdda
 from __future__ import annotations
-import io, json, time, uuid, warnings
+import contextlib, io, json, threading, time, uuid, warnings
 from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -271,9 +271,11 @@ def _model_answers(m:dict, session, tiles:np.ndarray, t_decode:float) -> list[di
 class Predictor:
     "One verified ONNX Runtime session per manifest, loaded once; predicts tiles with each model's own threshold."
     INFO = ('model', 'family', 'input', 'output', 'class_names', 'threshold', 'threshold_rule', 'metrics')
-    def __init__(self, models, threads:int|None=None, resize:str='reject', default=None):
+    def __init__(self, models, threads:int|None=None, resize:str='reject', default=None, inferences:int|None=None):
         if resize not in RESIZE_POLICIES: raise ValueError(f'resize must be one of {RESIZE_POLICIES}, got {resize!r}')
+        if inferences is not None and inferences < 1: raise ValueError(f'inferences must be at least 1, got {inferences}')
         self.resize, self.models = resize, _open_models(models, threads)
+        self.gate = threading.BoundedSemaphore(inferences) if inferences else contextlib.nullcontext()
         self.default = list(default) if default else [n for n in self.models if '.' not in n] or list(self.models)
 
     def names(self, which='both') -> list[str]:
@@ -297,7 +299,7 @@ class Predictor:
         size = {n: self.models[n][0]['input']['shape'][2] for n in names}
         tiles = {k: np.stack([_tile(im, k, self.resize, i) for i, im in enumerate(images)]) for k in set(size.values())}
         t_decode = _ms(t0)
-        answers = {n: _model_answers(*self.models[n], tiles[size[n]], t_decode) for n in names}
+        with self.gate: answers = {n: _model_answers(*self.models[n], tiles[size[n]], t_decode) for n in names}
         return [{n: answers[n][i] for n in names} for i in range(len(images))]
 
     def explain(self, image, model:str|None=None, patch:int=32, stride:int=32, budget_s:float|None=None) -> dict:
@@ -305,6 +307,7 @@ class Predictor:
         name = model or ('vit' if 'vit' in self.models else self.default[0])
         if name not in self.models: raise KeyError(f'unknown model {name!r}; available: {list(self.models)}')
         m, s = self.models[name]
-        r = occlusion_map(m, s, _tile(image, m['input']['shape'][2], self.resize, 0), patch, stride, budget_s=budget_s)
+        t = _tile(image, m['input']['shape'][2], self.resize, 0)
+        with self.gate: r = occlusion_map(m, s, t, patch, stride, budget_s=budget_s)
         return dict(model=name, label=m['class_names'][int(r['p_ssa'] >= m['threshold'])], threshold=m['threshold'],
                     **r)
