@@ -21,7 +21,7 @@ __all__ = ['IMAGE_TYPES', 'log', 'ServeConfig', 'APIError', 'request_images', 'm
            'heatmap_png', 'model_fn', 'input_fn', 'predict_fn', 'output_fn']
 
 # %% ../nbs/22_api.ipynb #fc7a2d3c
-_ENV_TYPES = dict(threads=int, max_body_mb=float, max_batch=int, explain_budget_s=float)
+_ENV_TYPES = dict(threads=int, inferences=int, max_body_mb=float, max_batch=int, explain_budget_s=float)
 _ENV_LISTS = ('allowed_origins', 'default_models')               # comma-separated
 
 def _env_setting(name:str, var:str, raw:str):
@@ -37,6 +37,7 @@ class ServeConfig:
     "Serving settings: environment variables (`ENV`), overridden by keyword arguments (command-line flags)."
     model_dir: str|None = None          # folder of manifest_*.json and their ONNX files
     threads: int|None = None            # ONNX Runtime intra-op threads per model (None: its default)
+    inferences: int|None = None         # most model runs at once in this process (None: no limit)
     max_body_mb: float = 10.            # largest request body
     max_batch: int = 32                 # most images per request
     resize: str = 'reject'              # non-224 input: reject, center-crop or resize
@@ -44,7 +45,7 @@ class ServeConfig:
     default_models: tuple = ()          # what `model=both` means; default: the fp32 families
     explain_budget_s: float = 5.        # longest an occlusion map may take before the answer is 503
 
-    ENV = dict(model_dir='MHIST_MODEL_DIR', threads='MHIST_THREADS', max_body_mb='MHIST_MAX_BODY_MB',
+    ENV = dict(model_dir='MHIST_MODEL_DIR', threads='MHIST_THREADS', inferences='MHIST_INFERENCES', max_body_mb='MHIST_MAX_BODY_MB',
                max_batch='MHIST_MAX_BATCH', resize='MHIST_RESIZE', allowed_origins='MHIST_ALLOWED_ORIGINS',
                default_models='MHIST_DEFAULT_MODELS', explain_budget_s='MHIST_EXPLAIN_BUDGET_S')
 
@@ -60,6 +61,9 @@ class ServeConfig:
         "Raise a ValueError naming the setting that is out of range."
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f'resize (MHIST_RESIZE) must be one of {RESIZE_POLICIES}, got {self.resize!r}')
+        for k in ('threads', 'inferences'):
+            v = getattr(self, k)
+            if v is not None and v < 1: raise ValueError(f'{k} ({self.ENV[k]}) must be at least 1, got {v}')
         if self.max_batch < 1: raise ValueError(f'max_batch (MHIST_MAX_BATCH) must be at least 1, got {self.max_batch}')
         if self.max_body_mb <= 0:
             raise ValueError(f'max_body_mb (MHIST_MAX_BODY_MB) must be positive, got {self.max_body_mb}')
@@ -274,7 +278,8 @@ def openapi(pred:Predictor|None=None) -> dict:
 def _load_predictor(cfg:ServeConfig) -> Predictor:
     "The Predictor of `cfg.model_dir`; a ModelError when there is none or a model cannot be vouched for."
     if not cfg.model_dir: raise ModelError('no model folder: set MHIST_MODEL_DIR or pass --models DIR')
-    return Predictor(cfg.model_dir, threads=cfg.threads, resize=cfg.resize, default=cfg.default_models or None)
+    return Predictor(cfg.model_dir, threads=cfg.threads, resize=cfg.resize, default=cfg.default_models or None,
+                     inferences=cfg.inferences)
 
 # %% ../nbs/22_api.ipynb #a72a483c
 _SAFE_ID = re.compile(r'[A-Za-z0-9._-]{1,128}')
