@@ -27,6 +27,9 @@ def check_manifest(m:dict, where) -> None:
     if not isinstance(m, dict): raise _bad(where, f'a manifest is a JSON object, got {type(m).__name__}')
     missing = [k for k in MANIFEST_REQUIRED if k not in m]
     if missing: raise _bad(where, f'manifest lacks required key(s) {missing}')
+    f = m['onnx']
+    if not (isinstance(f, str) and f) or Path(f).is_absolute() or '..' in Path(f).parts:
+        raise _bad(where, f"onnx must name a file in the manifest's folder (a relative path without '..'), got {f!r}")
     i, o = m['input'], m['output']
     if not (isinstance(i, dict) and {'name', 'shape', 'dtype'} <= set(i) and len(i['shape']) == 4
             and i['shape'][1] == 3):
