@@ -21,9 +21,10 @@ verify; delete the folder to re-export. The benchmark process itself never impor
 
 0. Default server, before and after: the ViT-B/16 fp32 folder served by the old default of `mhist serve` (2 sync
    workers, each loading and verifying its own models; a config file in `--work` that overrides today's) and by the
-   new one (1 gthread worker, models loaded once in the master). For each: memory after the load (RSS and PSS summed
-   over master and workers, against the bytes of the folder's model files) and throughput at `--concurrency`, API /
-   in-process. `--defaults-only` stops after this table.
+   new one (1 gthread worker, models loaded once in the master), both running, loaded in alternating rounds with the
+   in-process calls. For each: memory after the load (RSS and PSS summed over master and workers, against the bytes
+   of the folder's model files) and throughput at `--concurrency`, API / in-process. `--defaults-only` stops after
+   this table.
 1. Load: N POST /predict?model=NAME requests (`--requests`; `--requests-big` for ViT-B/16 and the 1.44 GB demo MLP,
    whose batch-1 calls take 0.1-0.5 s here) from `--concurrency` client threads, each with its own keep-alive
    `http.client` connection (gunicorn's sync workers close it after every answer, so it reconnects), after an untimed
@@ -437,9 +438,12 @@ worker_class, workers, preload_app = 'sync', 2, False
 
 def compare_defaults(a, model_dir:Path, model:str, tiles:list, n:int) -> list:
     """The old default (2 sync workers, each its own models) against the new one (1 gthread worker, models loaded once
-    in the master): memory after a load at `a.concurrency` (RSS and PSS summed over the processes, against the bytes of
-    the model files of the folder) and throughput, API / in-process (the better of: one caller with all cores as ORT
-    threads; as many Python threads as cores sharing a Predictor of 1 ORT thread each)."""
+    in the master), both running at once: `a.rounds` rounds, each a block of `n / rounds` requests at `a.concurrency` to
+    either server and as many in-process calls each way, in rotating order, so that other load on the machine hits all
+    alike. Memory after the load (RSS and PSS summed over the processes, against the bytes of the folder's model files);
+    throughput, API / in-process (the better of: one caller with all cores as ORT threads; as many Python threads as
+    cores sharing a Predictor of 1 ORT thread each)."""
+    from contextlib import ExitStack
     from mhist_nb.serve import Predictor, manifest_paths, read_manifest
     cores = len(os.sched_getaffinity(0))
     model_mb = sum(Path(read_manifest(m, verify=False)['onnx_path']).stat().st_size for m in manifest_paths(model_dir)) / 1e6
@@ -447,25 +451,32 @@ def compare_defaults(a, model_dir:Path, model:str, tiles:list, n:int) -> list:
     preds = dict(seq=(Predictor([model_dir/f'manifest_{model}.json'], threads=cores), 1),
                  par=(Predictor([model_dir/f'manifest_{model}.json'], threads=1), cores))
     for pr, par in preds.values(): inproc(pr, model, tiles, 2 * par, par)                      # warm-up
-    rows = []
-    for label, conf_loc in (('old default: 2 sync workers', str(conf)), ('new default: 1 gthread worker', 'python:mhist_nb.gunicorn_conf')):
-        with Server(model_dir, None, None, a.work, label.split(':')[0].replace(' ', '-'), conf=conf_loc) as srv:
-            say(f'defaults: {label}: starting, then {n} requests at concurrency {a.concurrency}')
-            srv.wait_ready(timeout=300)
+    labels = {'old': 'old default: 2 sync workers', 'new': 'new default: 1 gthread worker'}
+    with ExitStack() as stack:
+        srv = {'old': stack.enter_context(Server(model_dir, None, None, a.work, 'old-default', conf=str(conf))),
+               'new': stack.enter_context(Server(model_dir, None, None, a.work, 'new-default'))}
+        for k, procs in (('old', 3), ('new', 2)):
+            say(f'defaults: {labels[k]}: starting')
+            srv[k].wait_ready(timeout=300)
             deadline = time.time() + 120                           # every worker up (the second one may still be loading)
-            while time.time() < deadline and srv.memory()['processes'] < (3 if 'old' in label else 2): time.sleep(0.1)
-            wall, inp, errs = 0., {k: 0. for k in preds}, []
-            sizes = [n // a.rounds + (r < n % a.rounds) for r in range(a.rounds)]
-            for r, k in enumerate(sizes):
-                start = sum(sizes[:r])
-                t = load_test(srv.port, model, tiles, k, a.concurrency, warmup=2 if r == 0 else 0, start=start)
-                wall += t['wall']; errs += t['errors']
-                for what, (pr, par) in preds.items(): time.sleep(0.1); inp[what] += inproc(pr, model, tiles, k, par, start=start)['wall']
-            mem = srv.memory()
-        api, best = n / wall, max(n / v for v in inp.values())
-        rows.append((label, mem['processes'], f'{model_mb:.0f}', f"{mem['rss']:.0f}", f"{mem['pss']:.0f}",
-                     f"{mem['pss'] / model_mb:.1f}", len(errs), f'{api:.1f}', f'{best:.1f}', f'{100 * api / best:.0f}%'))
-    return rows
+            while time.time() < deadline and srv[k].memory()['processes'] < procs: time.sleep(0.1)
+        say(f'defaults: {n} requests at concurrency {a.concurrency} to each server, and in process, in {a.rounds} rounds')
+        wall, errs = dict(old=0., new=0., seq=0., par=0.), dict(old=[], new=[])
+        sizes = [n // a.rounds + (r < n % a.rounds) for r in range(a.rounds)]
+        for r, k in enumerate(sizes):
+            start, order = sum(sizes[:r]), ['old', 'new', 'seq', 'par']
+            for what in order[r % 4:] + order[:r % 4]:
+                time.sleep(0.1)                                    # let the other side's threads go idle
+                if what in srv:
+                    t = load_test(srv[what].port, model, tiles, k, a.concurrency, warmup=2 if r == 0 else 0, start=start)
+                    errs[what] += t['errors']
+                else: t = inproc(*preds[what][:1], model, tiles, k, preds[what][1], start=start)
+                wall[what] += t['wall']
+        mem = {k: s_.memory() for k, s_ in srv.items()}
+    best = max(n / wall['seq'], n / wall['par'])
+    return [(labels[k], mem[k]['processes'], f'{model_mb:.0f}', f"{mem[k]['rss']:.0f}", f"{mem[k]['pss']:.0f}",
+             f"{mem[k]['pss'] / model_mb:.1f}", len(errs[k]), f'{n / wall[k]:.1f}', f'{best:.1f}',
+             f'{100 * n / wall[k] / best:.0f}%') for k in ('old', 'new')]
 
 
 def main():
