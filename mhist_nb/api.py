@@ -184,7 +184,8 @@ def _obj(**props) -> dict:
     return {'type': 'object', 'properties': props, 'required': list(props)}
 
 # %% ../nbs/22_api.ipynb #39fa11e1
-_ERRORS = {'400': _answer('malformed request: bad JSON or base64, a missing field'), '404': _answer('unknown model'),
+_ERRORS = {'400': _answer('malformed request: bad JSON or base64, a missing field, a repeated parameter'),
+           '404': _answer('unknown model'),
            '413': _answer('body or batch too large, or an image with too many pixels'),
            '415': _answer('unsupported content type'), '422': _answer('not an RGB tile of the model input size')}
 _B64 = {'type': 'string', 'format': 'byte'}                           # base64, in OpenAPI 3.0's words
