@@ -93,7 +93,8 @@ class _DeadlineConn(TConn):
 
 # %% ../nbs/23_gunicorn.ipynb #684d633a
 class JSONThreadWorker(ThreadWorker):
-    "gunicorn's threaded worker with a deadline on each request's headers (`MHIST_HEADER_TIMEOUT`) and JSON errors."
+    ("gunicorn's threaded worker with a deadline on each request's headers (`MHIST_HEADER_TIMEOUT`), JSON errors, "
+     "and a stop that closes idle keep-alive connections at once.")
     header_timeout = float(os.environ.get('MHIST_HEADER_TIMEOUT') or 10)
 
     def init_process(self):
@@ -103,6 +104,14 @@ class JSONThreadWorker(ThreadWorker):
     def enqueue_req(self, conn):
         if type(conn) is TConn: conn.__class__ = _DeadlineConn                  # new connections, once
         super().enqueue_req(conn)
+
+    def wait_for_and_dispatch_events(self, timeout):
+        super().wait_for_and_dispatch_events(timeout if self.alive else min(timeout, 0.1))   # stopping: look often
+
+    def murder_keepalived(self):
+        if not self.alive:                             # stopping: idle keep-alive connections close now, not in 5 s
+            for conn in self.keepalived_conns: conn.timeout = 0
+        super().murder_keepalived()
 
 # %% ../nbs/23_gunicorn.ipynb #f4b12bb2
 def on_exit(server):

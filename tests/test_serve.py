@@ -325,7 +325,7 @@ def test_serve_holds_against_slow_and_hostile_clients(toy_models, tmp_path):
         for s in slow: assert s.recv(100) == b''                               # closed by the server, not answered
         stop_dribbling.set()
 
-        h = {'Content-Type': 'image/png', 'Connection': 'close'}     # an idle keep-alive client delays a graceful stop
+        h = {'Content-Type': 'image/png'}
         over = requests.post(url + '/predict', data=iter([b'\0' * 500_000, b'\0' * 500_001]), headers=h,
                              timeout=30)                               # a generator: chunked, no Content-Length
         assert over.status_code == 413 and 'larger than 1 MB' in over.json()['detail'], over.text
@@ -338,9 +338,9 @@ def test_serve_holds_against_slow_and_hostile_clients(toy_models, tmp_path):
             assert code == status and headers['Content-Type'] == 'application/json', (code, headers, raw[:300])
             j = json.loads(raw)
             assert set(j) == {'error', 'detail', 'request_id'} and j['request_id'] == headers['X-Request-Id'], j
-        assert requests.get(url + '/health', timeout=10).status_code == 200
-    finally: stop(p)
-    assert not list((tmp_path/'tmp').glob('mhist-prometheus-*'))              # removed at exit
+        idle = requests.Session(); assert idle.get(url + '/health', timeout=10).status_code == 200   # kept alive, idle
+    finally: stop(p)                                                           # SIGTERM, SIGKILL after 10 s
+    assert not list((tmp_path/'tmp').glob('mhist-prometheus-*'))              # a clean stop (on_exit) despite it
 
 
 def test_a_changed_model_file_does_not_take_the_server_down(toy_models, tmp_path):
