@@ -10,7 +10,7 @@ and is always stopped (SIGTERM to the group, then SIGKILL) before the next measu
 PNG when that folder is missing), cycled over.
 
     .venv/bin/python benchmarks/serve.py [--workers 2] [--threads 1] [--concurrency 8] [--requests 2000]
-                                         [--requests-big 200] [--seq 50] [--work DIR] [--quick]
+                                         [--requests-big 200] [--seq 50] [--work DIR] [--quick] [--defaults-only]
 
 Models: (a) the demo models that `make demo` writes to `reports/demo/` (skipped, with a note, when it has no
 manifests), served from that folder as they are (each worker loads all of its manifests: mlp, vit and their INT8
@@ -19,6 +19,12 @@ once by this script in a subprocess (`export_onnx`, `quantize_int8`, `write_mani
 threshold 0.5) into `--work` (default `$TMPDIR/mhist-bench-serve`), and reused by later runs when its manifests still
 verify; delete the folder to re-export. The benchmark process itself never imports torch.
 
+0. Default server, before and after: the ViT-B/16 fp32 folder served by the old default of `mhist serve` (2 sync
+   workers, each loading and verifying its own models; a config file in `--work` that overrides today's) and by the
+   new one (1 gthread worker, models loaded once in the master), both running, loaded in alternating rounds with the
+   in-process calls. For each: memory after the load (RSS and PSS summed over master and workers, against the bytes
+   of the folder's model files) and throughput at `--concurrency`, API / in-process. `--defaults-only` stops after
+   this table.
 1. Load: N POST /predict?model=NAME requests (`--requests`; `--requests-big` for ViT-B/16 and the 1.44 GB demo MLP,
    whose batch-1 calls take 0.1-0.5 s here) from `--concurrency` client threads, each with its own keep-alive
    `http.client` connection (gunicorn's sync workers close it after every answer, so it reconnects), after an untimed
@@ -96,7 +102,10 @@ def export_vitb(work:Path):
     files = {'vitb': fp32, 'vitb.int8': int8}
     for k, names in VITB_DIRS.items():
         for n in names:
-            write_manifest(d/k/f'manifest_{n}.json', onnx=files[n], model='vit_base', family='vitb', mean=STUDY_MEAN,
+            (d/k).mkdir(exist_ok=True)
+            here = d/k/Path(files[n]).name                  # a manifest names files in its own folder only: a hard link
+            if not here.exists(): os.link(files[n], here)   # (no copy) of the one export into each folder
+            write_manifest(d/k/f'manifest_{n}.json', onnx=here, model='vit_base', family='vitb', mean=STUDY_MEAN,
                            std=STUDY_STD, threshold=0.5, threshold_rule='fixed',
                            source='benchmarks/serve.py: random initial weights, for speed and memory only')
 
@@ -150,8 +159,11 @@ def http_call(port, method, path, body=None, timeout=120.0, conn=None):
 class Server:
     "gunicorn with the production config in its own process group; a context manager that always stops it."
     count = 0
-    def __init__(self, model_dir, workers:int, threads:int, work:Path, label:str, max_batch:int=32):
+    def __init__(self, model_dir, workers:int|None, threads:int|None, work:Path, label:str, max_batch:int=32,
+                 conf:str='python:mhist_nb.gunicorn_conf'):
+        "`workers` or `threads` None: the configuration's own default (no MHIST_WORKERS / MHIST_THREADS set)."
         self.model_dir, self.workers, self.threads, self.label, self.max_batch = Path(model_dir), workers, threads, label, max_batch
+        self.conf = conf
         (work/'logs').mkdir(parents=True, exist_ok=True)
         Server.count += 1
         self.log_path = work/'logs'/f'gunicorn-{Server.count:02d}-{label.replace("/", "").replace(" ", "_")}.log'
@@ -161,11 +173,13 @@ class Server:
     def start(self):
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(('MHIST_', 'AWS_LAMBDA'))}
-        env.update(MHIST_MODEL_DIR=str(self.model_dir), MHIST_BIND=f'127.0.0.1:{self.port}', MHIST_WORKERS=str(self.workers),
-                   MHIST_THREADS=str(self.threads), MHIST_MAX_BATCH=str(self.max_batch), PROMETHEUS_MULTIPROC_DIR=str(self.prom))
+        env.update(MHIST_MODEL_DIR=str(self.model_dir), MHIST_BIND=f'127.0.0.1:{self.port}', MHIST_MAX_BATCH=str(self.max_batch),
+                   PROMETHEUS_MULTIPROC_DIR=str(self.prom))
+        if self.workers: env['MHIST_WORKERS'] = str(self.workers)
+        if self.threads: env['MHIST_THREADS'] = str(self.threads)
         self.log = open(self.log_path, 'wb')
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, '-m', 'gunicorn', '-c', 'python:mhist_nb.gunicorn_conf', 'mhist_nb.api:create_app()'],
+        self.proc = subprocess.Popen([sys.executable, '-m', 'gunicorn', '-c', self.conf, 'mhist_nb.api:create_app()'],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
@@ -204,6 +218,13 @@ class Server:
             return d
         kids = psutil.Process(self.proc.pid).children()
         return dict(master=status(self.proc.pid), workers=[status(k.pid) for k in kids])
+
+    def memory(self) -> dict:
+        "RSS and PSS (MB) summed over the master and its workers (PSS shares each page among the processes that map it)."
+        import psutil
+        procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children()]
+        infos = [q.memory_full_info() for q in procs]
+        return dict(processes=len(procs), rss=sum(i.rss for i in infos) / 1e6, pss=sum(i.pss for i in infos) / 1e6)
 
     def stop(self):
         if self.proc is None: return
@@ -408,6 +429,56 @@ def med(xs): return float(np.median(xs))
 
 # ---------------------------------------------------------------- main
 
+OLD_DEFAULT_CONF = """# `mhist serve` before one-process serving: 2 sync workers, each loading and verifying its own models
+import os
+os.environ.setdefault('MHIST_THREADS', str(max(1, len(os.sched_getaffinity(0)) // 2)))   # the cores shared by the workers
+from mhist_nb.gunicorn_conf import *
+worker_class, workers, preload_app = 'sync', 2, False
+"""
+
+def compare_defaults(a, model_dir:Path, model:str, tiles:list, n:int) -> list:
+    """The old default (2 sync workers, each its own models) against the new one (1 gthread worker, models loaded once
+    in the master), both running at once: `a.rounds` rounds, each a block of `n / rounds` requests at `a.concurrency` to
+    either server and as many in-process calls each way, in rotating order, so that other load on the machine hits all
+    alike. Memory after the load (RSS and PSS summed over the processes, against the bytes of the folder's model files);
+    throughput, API / in-process (the better of: one caller with all cores as ORT threads; as many Python threads as
+    cores sharing a Predictor of 1 ORT thread each)."""
+    from contextlib import ExitStack
+    from mhist_nb.serve import Predictor, manifest_paths, read_manifest
+    cores = len(os.sched_getaffinity(0))
+    model_mb = sum(Path(read_manifest(m, verify=False)['onnx_path']).stat().st_size for m in manifest_paths(model_dir)) / 1e6
+    conf = a.work/'gunicorn_old_default.py'; conf.write_text(OLD_DEFAULT_CONF)
+    preds = dict(seq=(Predictor([model_dir/f'manifest_{model}.json'], threads=cores), 1),
+                 par=(Predictor([model_dir/f'manifest_{model}.json'], threads=1), cores))
+    for pr, par in preds.values(): inproc(pr, model, tiles, 2 * par, par)                      # warm-up
+    labels = {'old': 'old default: 2 sync workers', 'new': 'new default: 1 gthread worker'}
+    with ExitStack() as stack:
+        srv = {'old': stack.enter_context(Server(model_dir, None, None, a.work, 'old-default', conf=str(conf))),
+               'new': stack.enter_context(Server(model_dir, None, None, a.work, 'new-default'))}
+        for k, procs in (('old', 3), ('new', 2)):
+            say(f'defaults: {labels[k]}: starting')
+            srv[k].wait_ready(timeout=300)
+            deadline = time.time() + 120                           # every worker up (the second one may still be loading)
+            while time.time() < deadline and srv[k].memory()['processes'] < procs: time.sleep(0.1)
+        say(f'defaults: {n} requests at concurrency {a.concurrency} to each server, and in process, in {a.rounds} rounds')
+        wall, errs = dict(old=0., new=0., seq=0., par=0.), dict(old=[], new=[])
+        sizes = [n // a.rounds + (r < n % a.rounds) for r in range(a.rounds)]
+        for r, k in enumerate(sizes):
+            start, order = sum(sizes[:r]), ['old', 'new', 'seq', 'par']
+            for what in order[r % 4:] + order[:r % 4]:
+                time.sleep(0.1)                                    # let the other side's threads go idle
+                if what in srv:
+                    t = load_test(srv[what].port, model, tiles, k, a.concurrency, warmup=2 if r == 0 else 0, start=start)
+                    errs[what] += t['errors']
+                else: t = inproc(*preds[what][:1], model, tiles, k, preds[what][1], start=start)
+                wall[what] += t['wall']
+        mem = {k: s_.memory() for k, s_ in srv.items()}
+    best = max(n / wall['seq'], n / wall['par'])
+    return [(labels[k], mem[k]['processes'], f'{model_mb:.0f}', f"{mem[k]['rss']:.0f}", f"{mem[k]['pss']:.0f}",
+             f"{mem[k]['pss'] / model_mb:.1f}", len(errs[k]), f'{n / wall[k]:.1f}', f'{best:.1f}',
+             f'{100 * n / wall[k] / best:.0f}%') for k in ('old', 'new')]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--workers', type=int, default=2, help='gunicorn workers (MHIST_WORKERS)')
@@ -426,6 +497,7 @@ def main():
                     help='folder for the ViT-B/16 export (reused while it verifies), logs and events')
     ap.add_argument('--quick', action='store_true', help='smoke run: few requests, one launch per row, at most 64 flip tiles, '
                     'no demo rows in the load breakdown and cold start')
+    ap.add_argument('--defaults-only', action='store_true', help='only section 0: the old default server against the new one')
     ap.add_argument('--export-vitb', type=Path, help=argparse.SUPPRESS)           # internal: the export child process
     a = ap.parse_args()
     if a.export_vitb: return export_vitb(a.export_vitb)
@@ -444,7 +516,7 @@ def main():
     print(f'{cpu_name()}; cpu_count {os.cpu_count()}, usable cores {len(os.sched_getaffinity(0))}, {mem_total_gb():.1f} GB RAM; '
           f'python {platform.python_version()}, onnxruntime {ort.__version__}, gunicorn {gunicorn.__version__}; '
           f'load average {load0:.2f} at start')
-    print(f'gunicorn: {a.workers} sync workers x {a.threads} ORT intra-op threads (budget {budget}); load: '
+    print(f'gunicorn: {a.workers} workers x {a.threads} ORT intra-op threads (budget {budget}); load: '
           f'{a.concurrency} client threads, {a.requests} requests (ViT-B/16 and the demo MLP: {a.requests_big})'
           + ('; --quick' if a.quick else '') + '\n', flush=True)
 
@@ -460,6 +532,17 @@ def main():
           f'{(a.work/"vitb"/"model_vitb.int8.onnx").stat().st_size / 1e6:.0f} MB).\n', flush=True)
 
     load_rows, mem_rows, ready_rows, cold_rows, lat_rows, flip_rows, goals, notes = [], [], [], [], [], [], [], []
+
+    # ---- 0: the old default server against the new one
+    rows = compare_defaults(a, vitb['fp32'], 'vitb', tiles, a.requests_big)
+    print(f'## 0. Default server, before and after: ViT-B/16 fp32 folder, {a.requests_big} requests at concurrency '
+          f'{a.concurrency}, {len(os.sched_getaffinity(0))} cores\n')
+    table(['server', 'processes', 'model files MB', 'RSS sum MB', 'PSS sum MB', 'PSS / model bytes', 'errors',
+           'API req/s', 'in-proc req/s', 'API / in-proc'], rows)
+    print('RSS sum counts a page shared by the master and a worker once per process; PSS divides it among them (the '
+          'truer total). in-proc: the better of one caller with all cores as ONNX Runtime threads and one Python thread '
+          'per core sharing a Predictor of one ORT thread each, on the same PNG bytes at batch 1.\n', flush=True)
+    if a.defaults_only: return
 
     # ---- 1 + 2: load and memory
     def load_set(label, model_dir, models):

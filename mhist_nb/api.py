@@ -4,14 +4,15 @@
 
 # %% ../nbs/22_api.ipynb #ced1b610
 from __future__ import annotations
-import base64, binascii, io, json, logging, os, sys, time, uuid
+import base64, binascii, io, json, logging, os, re, sys, time, uuid
 from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
+from werkzeug.wsgi import get_content_length
 from .core import CLASS_NAMES
 from .serve import Predictor, ImageError, ModelError, ExplainTimeout, RESIZE_POLICIES
 
@@ -20,7 +21,7 @@ __all__ = ['IMAGE_TYPES', 'log', 'ServeConfig', 'APIError', 'request_images', 'm
            'heatmap_png', 'model_fn', 'input_fn', 'predict_fn', 'output_fn']
 
 # %% ../nbs/22_api.ipynb #fc7a2d3c
-_ENV_TYPES = dict(threads=int, max_body_mb=float, max_batch=int, explain_budget_s=float)
+_ENV_TYPES = dict(threads=int, inferences=int, max_body_mb=float, max_batch=int, explain_budget_s=float)
 _ENV_LISTS = ('allowed_origins', 'default_models')               # comma-separated
 
 def _env_setting(name:str, var:str, raw:str):
@@ -36,6 +37,7 @@ class ServeConfig:
     "Serving settings: environment variables (`ENV`), overridden by keyword arguments (command-line flags)."
     model_dir: str|None = None          # folder of manifest_*.json and their ONNX files
     threads: int|None = None            # ONNX Runtime intra-op threads per model (None: its default)
+    inferences: int|None = None         # most model runs at once in this process (None: no limit)
     max_body_mb: float = 10.            # largest request body
     max_batch: int = 32                 # most images per request
     resize: str = 'reject'              # non-224 input: reject, center-crop or resize
@@ -43,7 +45,7 @@ class ServeConfig:
     default_models: tuple = ()          # what `model=both` means; default: the fp32 families
     explain_budget_s: float = 5.        # longest an occlusion map may take before the answer is 503
 
-    ENV = dict(model_dir='MHIST_MODEL_DIR', threads='MHIST_THREADS', max_body_mb='MHIST_MAX_BODY_MB',
+    ENV = dict(model_dir='MHIST_MODEL_DIR', threads='MHIST_THREADS', inferences='MHIST_INFERENCES', max_body_mb='MHIST_MAX_BODY_MB',
                max_batch='MHIST_MAX_BATCH', resize='MHIST_RESIZE', allowed_origins='MHIST_ALLOWED_ORIGINS',
                default_models='MHIST_DEFAULT_MODELS', explain_budget_s='MHIST_EXPLAIN_BUDGET_S')
 
@@ -59,6 +61,9 @@ class ServeConfig:
         "Raise a ValueError naming the setting that is out of range."
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f'resize (MHIST_RESIZE) must be one of {RESIZE_POLICIES}, got {self.resize!r}')
+        for k in ('threads', 'inferences'):
+            v = getattr(self, k)
+            if v is not None and v < 1: raise ValueError(f'{k} ({self.ENV[k]}) must be at least 1, got {v}')
         if self.max_batch < 1: raise ValueError(f'max_batch (MHIST_MAX_BATCH) must be at least 1, got {self.max_batch}')
         if self.max_body_mb <= 0:
             raise ValueError(f'max_body_mb (MHIST_MAX_BODY_MB) must be positive, got {self.max_body_mb}')
@@ -97,7 +102,8 @@ def _form_images(req) -> tuple[list[bytes], list[str|None]]:
 # %% ../nbs/22_api.ipynb #62110979
 def _json_images(req) -> tuple[list[bytes], list[None]]:
     "The base64 images of a JSON body: one in `image`, or a list in `images`."
-    body = req.get_json(silent=True)
+    try: body = req.get_json(silent=True)
+    except RecursionError: raise APIError(400, 'bad JSON', 'the JSON is nested too deeply to read') from None
     if body is None: raise APIError(400, 'bad JSON', 'the body is not valid JSON')
     if not isinstance(body, dict) or not ({'image', 'images'} & set(body)):
         raise APIError(400, 'missing field', 'send {"image": "<base64>"} or {"images": ["<base64>", ...]}')
@@ -178,10 +184,11 @@ def _obj(**props) -> dict:
     return {'type': 'object', 'properties': props, 'required': list(props)}
 
 # %% ../nbs/22_api.ipynb #39fa11e1
-_ERRORS = {'400': _answer('malformed request: bad JSON or base64, a missing field'), '404': _answer('unknown model'),
+_ERRORS = {'400': _answer('malformed request: bad JSON or base64, a missing field, a repeated parameter'),
+           '404': _answer('unknown model'),
            '413': _answer('body or batch too large, or an image with too many pixels'),
            '415': _answer('unsupported content type'), '422': _answer('not an RGB tile of the model input size')}
-_B64 = {'type': 'string', 'contentEncoding': 'base64'}
+_B64 = {'type': 'string', 'format': 'byte'}                           # base64, in OpenAPI 3.0's words
 _IMAGE_BODY = {'content': {
     'multipart/form-data': {'schema': {'type': 'object', 'required': ['file'], 'properties': {
         'file': {'type': 'array', 'minItems': 1, 'items': {'type': 'string', 'format': 'binary'}}}}},
@@ -231,8 +238,8 @@ _INFO_PATHS = {
     '/ready': _get('models loaded', _obj(ready={'type': 'boolean'}, models={'type': 'array', 'items': _STR}),
                    more={'503': _answer('not ready')}),
     '/ping': _get('SageMaker health check', _obj(status=_STR)),
-    '/models': _get('the manifests (without paths)', _obj(models={'type': 'array', 'items': {'type': 'object'}},
-                                                          default={'type': 'array', 'items': _STR})),
+    '/models': _get('what a client needs of each model', _obj(models={'type': 'array', 'items': {
+                        '$ref': '#/components/schemas/ModelInfo'}}, default={'type': 'array', 'items': _STR})),
     '/openapi.json': _get('this document', {'type': 'object'}),
     '/metrics': _get('Prometheus text', _STR, 'text/plain')}
 
@@ -240,6 +247,11 @@ _INFO_PATHS = {
 _SCHEMAS = {
     'Error': {**_obj(error=_STR, detail=_STR),
               'properties': {'error': _STR, 'detail': _STR, 'request_id': {'type': 'string', 'nullable': True}}},
+    'ModelInfo': (_info := _obj(name=_STR, version=_STR, model=_STR, family=_STR, input={'type': 'object'},
+                                output={'type': 'object'}, class_names={'type': 'array', 'items': _STR},
+                                threshold=_NUM, threshold_rule=_STR)) | {
+                  'properties': {**_info['properties'], 'metrics': {'type': 'object'}},     # optional
+                  'additionalProperties': False},                                         # nothing else leaves
     'Prediction': _obj(label={'type': 'string', 'enum': list(CLASS_NAMES)},
                        p_ssa={'type': 'number', 'minimum': 0, 'maximum': 1},
                        logit=_NUM, threshold=_NUM, threshold_rule=_STR, model=_STR, version=_STR,
@@ -267,12 +279,41 @@ def openapi(pred:Predictor|None=None) -> dict:
 def _load_predictor(cfg:ServeConfig) -> Predictor:
     "The Predictor of `cfg.model_dir`; a ModelError when there is none or a model cannot be vouched for."
     if not cfg.model_dir: raise ModelError('no model folder: set MHIST_MODEL_DIR or pass --models DIR')
-    return Predictor(cfg.model_dir, threads=cfg.threads, resize=cfg.resize, default=cfg.default_models or None)
+    return Predictor(cfg.model_dir, threads=cfg.threads, resize=cfg.resize, default=cfg.default_models or None,
+                     inferences=cfg.inferences)
+
+# %% ../nbs/22_api.ipynb #a72a483c
+_SAFE_ID = re.compile(r'[A-Za-z0-9._-]{1,128}')
+
+def _request_id(given:str|None) -> str:
+    "The client's request id when it is a short safe token, else a new one (32 hex digits)."
+    return given if given and _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+
+# %% ../nbs/22_api.ipynb #e815ff94
+def _one_value_each(args):
+    "A 400 APIError naming the query parameters of `args` (a MultiDict) that are given more than once."
+    repeated = [k for k, v in args.lists() if len(v) > 1]
+    if repeated:
+        raise APIError(400, 'repeated parameter', f'query parameter(s) {repeated} given more than once; give each once')
+
+# %% ../nbs/22_api.ipynb #3f05c691
+def _read_unsized_body(environ:dict, limit:int):
+    ("A body without Content-Length that the server terminates (chunked): read at most `limit` bytes "
+     "into `environ`, with its length; RequestEntityTooLarge when there is more.")
+    if get_content_length(environ) is not None or not environ.get('wsgi.input_terminated'): return
+    chunks, n, stream = [], 0, environ['wsgi.input']
+    while n <= limit:
+        b = stream.read(min(1 << 16, limit + 1 - n))
+        if not b: break
+        chunks.append(b); n += len(b)
+    if n > limit: raise RequestEntityTooLarge()
+    environ['wsgi.input'], environ['CONTENT_LENGTH'] = io.BytesIO(b''.join(chunks)), str(n)
+    environ.pop('HTTP_TRANSFER_ENCODING', None)
 
 # %% ../nbs/22_api.ipynb #1d155182
 def _start_request():
     "Before a request: its id, its start time, and no model yet."
-    g.rid = request.headers.get('X-Request-Id') or uuid.uuid4().hex
+    g.rid = _request_id(request.headers.get('X-Request-Id'))
     g.t0, g.model = time.perf_counter(), '-'
 
 def _model_label(model:str, pred:Predictor) -> str:
@@ -290,8 +331,13 @@ def _cors(headers, origin:str|None, allowed:tuple):
 
 # %% ../nbs/22_api.ipynb #1beb1e99
 def _add_hooks(app:Flask, pred:Predictor, cfg:ServeConfig):
-    "Register the request hooks: an id and a clock before; the id header, CORS, metrics and a JSON log line after."
+    ("Register the request hooks: an id, a clock, one value per query parameter and a bounded body before; "
+     "the id header, CORS, metrics and a JSON log line after.")
     app.before_request(_start_request)
+    @app.before_request
+    def _check():
+        _one_value_each(request.args)
+        _read_unsized_body(request.environ, request.max_content_length)
     m = _metrics()
 
     @app.after_request

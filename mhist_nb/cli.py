@@ -212,6 +212,7 @@ def _serve_env(cfg, args) -> dict:
                MHIST_BIND=f'{args.host}:{args.port}')
     if cfg.threads: env['MHIST_THREADS'] = str(cfg.threads)
     if args.workers: env['MHIST_WORKERS'] = str(args.workers)
+    if args.request_threads: env['MHIST_REQUEST_THREADS'] = str(args.request_threads)
     return env
 
 # %% ../nbs/39_cli.ipynb #710c1083
@@ -226,6 +227,17 @@ def cmd_serve(args) -> int:
     os.execve(sys.executable,
               [sys.executable, '-m', 'gunicorn', '-c', 'python:mhist_nb.gunicorn_conf', 'mhist_nb.api:create_app()'],
               _serve_env(cfg, args))
+
+# %% ../nbs/39_cli.ipynb #b0e17dcc
+def _int_in(lo:int, hi:int|None=None):
+    "An argparse `type`: a whole number from `lo` (to `hi`); anything else is argparse's usage error (exit 2) saying why."
+    def whole_number(s:str) -> int:
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f'{s!r} is not a whole number') from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f'must be {f"from {lo} to {hi}" if hi else f"at least {lo}"}, got {v}')
+        return v
+    return whole_number
 
 # %% ../nbs/39_cli.ipynb #c319ef8b
 MODELS_HELP = 'folder of manifest_*.json and ONNX files, e.g. reports/demo (default: $MHIST_MODEL_DIR)'
@@ -242,13 +254,16 @@ def add_serve(sub):
                               'curl -s -F file=@tile.png http://127.0.0.1:8000/predict')
     v.add_argument('--models', default=os.environ.get('MHIST_MODEL_DIR'), help=MODELS_HELP)
     v.add_argument('--host', default='127.0.0.1', help='interface to bind (default 127.0.0.1; 0.0.0.0 to expose it)')
-    v.add_argument('--port', type=int, default=8000, help='port (default 8000)')
-    v.add_argument('--workers', type=int,
+    v.add_argument('--port', type=_int_in(1, 65535), default=8000, help='port (default 8000)')
+    v.add_argument('--workers', type=_int_in(1),
                    help='gunicorn worker processes, each with its own copy '
-                        'of the models (default: $MHIST_WORKERS, else 2)')
-    v.add_argument('--threads', type=int,
-                   help='ONNX Runtime threads per model and worker (default: '
-                        '$MHIST_THREADS, else the cores shared among the workers)')
+                        'of the models (default: $MHIST_WORKERS, else 1)')
+    v.add_argument('--request-threads', type=_int_in(1),
+                   help='request threads per worker, sharing its models (default: '
+                        '$MHIST_REQUEST_THREADS, else max(8, 2 x cores))')
+    v.add_argument('--threads', type=_int_in(1),
+                   help='ONNX Runtime threads per model run (default: $MHIST_THREADS, else 1; '
+                        'cores // (workers x threads) runs at once, $MHIST_INFERENCES)')
     v.add_argument('--resize', choices=('reject', 'center-crop', 'resize'),
                    help='input that is not 224x224 (default reject)')
     v.add_argument('--max-batch', type=int, help='most images per request (default 32)')

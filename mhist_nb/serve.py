@@ -4,10 +4,10 @@
 
 # %% ../nbs/20_serve.ipynb #8f15cdda
 from __future__ import annotations
-import io, json, time, uuid, warnings
+import contextlib, io, json, threading, time, uuid, warnings
 from pathlib import Path
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from .core import INPUT_NAME, OUTPUT_NAME, CLASS_NAMES, sigmoid, sha256
 
 # %% auto #0
@@ -30,6 +30,9 @@ def check_manifest(m:dict, where) -> None:
     if not isinstance(m, dict): raise _bad(where, f'a manifest is a JSON object, got {type(m).__name__}')
     missing = [k for k in MANIFEST_REQUIRED if k not in m]
     if missing: raise _bad(where, f'manifest lacks required key(s) {missing}')
+    f = m['onnx']
+    if not (isinstance(f, str) and f) or Path(f).is_absolute() or '..' in Path(f).parts:
+        raise _bad(where, f"onnx must name a file in the manifest's folder (a relative path without '..'), got {f!r}")
     i, o = m['input'], m['output']
     if not (isinstance(i, dict) and {'name', 'shape', 'dtype'} <= set(i) and len(i['shape']) == 4
             and i['shape'][1] == 3):
@@ -48,6 +51,17 @@ def check_manifest(m:dict, where) -> None:
     t = m['threshold']
     if not (isinstance(t, (int, float)) and 0 <= t <= 1): raise _bad(where, f'threshold must be in [0, 1], got {t!r}')
 
+# %% ../nbs/20_serve.ipynb #831d8a2f
+def _inside(manifest:Path, name) -> Path:
+    "The file `name` a manifest names, resolved inside the manifest's folder; a ValueError for any path that leaves it."
+    folder = manifest.resolve().parent
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise _bad(manifest, f'a model file must be a path relative to the manifest\'s folder, got {name!r}')
+    f = (folder / name).resolve()                                        # symbolic links and '..' resolved
+    if not f.is_relative_to(folder):
+        raise _bad(manifest, f'the model file {name!r} is outside the manifest\'s folder {folder}')
+    return f
+
 # %% ../nbs/20_serve.ipynb #13475499
 def read_manifest(path, verify:bool=True) -> dict:
     ("Read and check the manifest `path`; with `verify` the model "
@@ -57,7 +71,7 @@ def read_manifest(path, verify:bool=True) -> dict:
     try: m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise _bad(path, f'not valid JSON ({e})') from e
     check_manifest(m, path)
-    model_file = (path.parent / m['onnx']).resolve()
+    model_file = _inside(path, m['onnx'])
     if verify:
         if not model_file.is_file(): raise _bad(path, f'the model file it names, {model_file}, is missing')
         h = sha256(model_file)
@@ -116,7 +130,11 @@ def decode_image(data:bytes, size:int=224, resize:str='reject') -> np.ndarray:
             if im.format not in ACCEPTED_FORMATS:
                 raise ImageError(f'image format {im.format} is not accepted (use {"/".join(ACCEPTED_FORMATS)})')
             if im.mode != 'RGB': raise ImageError(f'image mode {im.mode} is not 8-bit RGB (a tile is an RGB image)')
+            pages = getattr(im, 'n_frames', 1)
+            if pages > 1: raise ImageError(f'the {im.format} image has {pages} pages; send one tile per image')
             w, h = im.size
+            if im.format != 'PNG' and im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+                w, h = h, w                                    # as shown (a PNG's EXIF is read only with its pixels)
             if resize == 'reject' and (w, h) != (size, size):
                 raise ImageError(f'image is {w}x{h} pixels, the model takes {size}x{size} tiles')
             if resize == 'center-crop' and min(w, h) < size:
@@ -126,6 +144,8 @@ def decode_image(data:bytes, size:int=224, resize:str='reject') -> np.ndarray:
                 raise ImageError(f'too many pixels: {e}', 413) from None
             except Exception as e:
                 raise ImageError(f'the image data is truncated or corrupt ({type(e).__name__}: {e})') from None
+            im = ImageOps.exif_transpose(im)                           # the pixels as the camera meant them
+            w, h = im.size
             if (w, h) != (size, size):
                 if resize == 'center-crop':
                     l, t = (w - size) // 2, (h - size) // 2
@@ -261,9 +281,12 @@ def _model_answers(m:dict, session, tiles:np.ndarray, t_decode:float) -> list[di
 # %% ../nbs/20_serve.ipynb #81b6381e
 class Predictor:
     "One verified ONNX Runtime session per manifest, loaded once; predicts tiles with each model's own threshold."
-    def __init__(self, models, threads:int|None=None, resize:str='reject', default=None):
+    INFO = ('model', 'family', 'input', 'output', 'class_names', 'threshold', 'threshold_rule', 'metrics')
+    def __init__(self, models, threads:int|None=None, resize:str='reject', default=None, inferences:int|None=None):
         if resize not in RESIZE_POLICIES: raise ValueError(f'resize must be one of {RESIZE_POLICIES}, got {resize!r}')
+        if inferences is not None and inferences < 1: raise ValueError(f'inferences must be at least 1, got {inferences}')
         self.resize, self.models = resize, _open_models(models, threads)
+        self.gate = threading.BoundedSemaphore(inferences) if inferences else contextlib.nullcontext()
         self.default = list(default) if default else [n for n in self.models if '.' not in n] or list(self.models)
 
     def names(self, which='both') -> list[str]:
@@ -276,9 +299,8 @@ class Predictor:
         return names
 
     def info(self) -> list[dict]:
-        "Each model's manifest without paths (what `GET /models` shows)."
-        drop = ('path', 'onnx_path', 'onnx')
-        return [dict(name=n, version=m['sha256'][:12], **{k: v for k, v in m.items() if k not in drop})
+        "What a client needs of each model (what `GET /models` shows): name, version and the manifest's `INFO` keys."
+        return [dict(name=n, version=m['sha256'][:12], **{k: m[k] for k in self.INFO if k in m})
                 for n, (m, _) in self.models.items()]
 
     def predict(self, images, models='both') -> list[dict]:
@@ -288,7 +310,7 @@ class Predictor:
         size = {n: self.models[n][0]['input']['shape'][2] for n in names}
         tiles = {k: np.stack([_tile(im, k, self.resize, i) for i, im in enumerate(images)]) for k in set(size.values())}
         t_decode = _ms(t0)
-        answers = {n: _model_answers(*self.models[n], tiles[size[n]], t_decode) for n in names}
+        with self.gate: answers = {n: _model_answers(*self.models[n], tiles[size[n]], t_decode) for n in names}
         return [{n: answers[n][i] for n in names} for i in range(len(images))]
 
     def explain(self, image, model:str|None=None, patch:int=32, stride:int=32, budget_s:float|None=None) -> dict:
@@ -296,6 +318,7 @@ class Predictor:
         name = model or ('vit' if 'vit' in self.models else self.default[0])
         if name not in self.models: raise KeyError(f'unknown model {name!r}; available: {list(self.models)}')
         m, s = self.models[name]
-        r = occlusion_map(m, s, _tile(image, m['input']['shape'][2], self.resize, 0), patch, stride, budget_s=budget_s)
+        t = _tile(image, m['input']['shape'][2], self.resize, 0)
+        with self.gate: r = occlusion_map(m, s, t, patch, stride, budget_s=budget_s)
         return dict(model=name, label=m['class_names'][int(r['p_ssa'] >= m['threshold'])], threshold=m['threshold'],
                     **r)

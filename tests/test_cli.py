@@ -93,3 +93,13 @@ def test_run_stops_at_once_when_the_tracking_server_is_down(tmp_path):
     assert len(err) == 1 and f'MLflow tracking server http://127.0.0.1:{port} is not reachable' in err[0], r.stderr[-2000:]
     assert 'MHIST_TRACKING=off' in err[0] and 'Traceback' not in r.stderr
     assert not (tmp_path/'data').exists() and not (tmp_path/'reports').exists()          # nothing was started
+
+
+def test_serve_refuses_bad_numbers_before_starting(tmp_path):
+    "Measured before: --workers 0 silently became 2 workers; --port 70000 was a gunicorn traceback. Now usage errors."
+    for args, words in ((['--workers', '0'], 'argument --workers: must be at least 1, got 0'),
+                        (['--port', '70000'], 'argument --port: must be from 1 to 65535, got 70000'),
+                        (['--request-threads', 'many'], "argument --request-threads: 'many' is not a whole number")):
+        r = mhist('serve', '--models', tmp_path, *args, env={**os.environ, 'TMPDIR': str(tmp_path)})
+        assert r.returncode == 2 and words in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert not list(tmp_path.glob('mhist-prometheus-*'))

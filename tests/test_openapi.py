@@ -21,3 +21,16 @@ schema = schemathesis.openapi.from_wsgi('/openapi.json', APP)
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_api_conforms_to_its_openapi_document(case):
     case.call_and_validate(excluded_checks=[schemathesis.checks.positive_data_acceptance])
+
+
+def test_openapi_document_is_valid_openapi_3_0():
+    "The served document, as a client downloads it, passes the official validator for the version it declares."
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+    doc = APP.test_client().get('/openapi.json').get_json()
+    assert doc['openapi'] == '3.0.3'
+    validate(doc)
+    bad = {**doc, 'components': {'schemas': {**doc['components']['schemas'], 'X': {'type': 'string', 'format': 1}}}}
+    try: validate(bad)                                     # the validator does reject a broken document
+    except OpenAPIValidationError: pass
+    else: raise AssertionError('validator accepted a schema with a numeric format')

@@ -151,6 +151,8 @@ def test_gunicorn_replaces_a_killed_worker(toy_models, tmp_path):
     p, url = start(toy_models, tmp_path)
     try:
         wait_ready(p, url)
+        deadline = time.time() + 20                                  # the second worker may still be forking
+        while len(workers_of(p)) < 2 and time.time() < deadline: time.sleep(0.05)
         body, before = png(tiles(1)[0]), workers_of(p)
         assert len(before) == 2
         results = []
@@ -268,3 +270,109 @@ def test_sagemaker_inference_script(toy_models):
         out = json.loads(inf.output_fn(inf.predict_fn(inf.input_fn(body, ctype), model), 'application/json'))
         assert sorted(out['results'][0]['predictions']) == ['mlp', 'vit']
     with pytest.raises(Exception, match='text/csv'): inf.input_fn(b'1,2', 'text/csv')
+
+
+# ---- `mhist serve` as shipped: one gthread worker, models loaded once in the master ----
+
+def serve_cli(models, tmp_path, *args, **env):
+    "Start `mhist serve` on a free port with its temp dir in `tmp_path`/tmp; (process, url)."
+    port = free_port()
+    (tmp_path/'tmp').mkdir(exist_ok=True)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(('MHIST_', 'PROMETHEUS_'))}
+    e.update(TMPDIR=str(tmp_path/'tmp'), **env)
+    exe = shutil.which('mhist', path=str(BIN))
+    p = subprocess.Popen([exe, 'serve', '--models', str(models), '--port', str(port), *map(str, args)], env=e,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return p, f'http://127.0.0.1:{port}'
+
+
+def raw_http(url, data: bytes) -> tuple[int, dict, bytes]:
+    "Send `data` as it is on a new connection; the status, headers and body of the answer."
+    import socket
+    host, port = url.split('//')[1].split(':')
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        got = b''
+        while chunk := s.recv(65536): got += chunk
+    head, body = got.split(b'\r\n\r\n', 1)
+    lines = head.decode('latin1').split('\r\n')
+    return int(lines[0].split()[1]), dict(l.split(': ', 1) for l in lines[1:]), body
+
+
+def test_serve_holds_against_slow_and_hostile_clients(toy_models, tmp_path):
+    """Measured before: two clients sending headers at a byte a second blocked both sync workers; a chunked body over
+    the limit was cut and answered 200; gunicorn's own 400/431 were HTML. Two request threads here, three slow
+    clients: /health can answer only because the header deadline frees the threads."""
+    import socket
+    p, url = serve_cli(toy_models, tmp_path, '--request-threads', 2, '--max-body-mb', 1, MHIST_HEADER_TIMEOUT='2')
+    try:
+        wait_ready(p, url)
+        import psutil
+        assert len(psutil.Process(p.pid).children()) == 1                      # one worker by default
+        host, port = url.split('//')[1].split(':')
+        stop_dribbling, slow = threading.Event(), []
+        def dribble():
+            s = socket.create_connection((host, int(port)), timeout=30); slow.append(s)
+            for b in b'GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ' + b'a' * 200:
+                if stop_dribbling.is_set(): return
+                try: s.send(bytes([b]))
+                except OSError: return                                         # the server shut it
+                time.sleep(0.5)
+        ts = [threading.Thread(target=dribble, daemon=True) for _ in range(3)]
+        for t in ts: t.start()
+        time.sleep(1.5)                                                        # all three are dribbling
+        assert requests.get(url + '/health', timeout=30).json() == {'status': 'ok'}
+        for s in slow: assert s.recv(100) == b''                               # closed by the server, not answered
+        stop_dribbling.set()
+
+        h = {'Content-Type': 'image/png'}
+        over = requests.post(url + '/predict', data=iter([b'\0' * 500_000, b'\0' * 500_001]), headers=h,
+                             timeout=30)                               # a generator: chunked, no Content-Length
+        assert over.status_code == 413 and 'larger than 1 MB' in over.json()['detail'], over.text
+        under = requests.post(url + '/predict', data=iter([b'\0' * 500_000] * 2), headers=h, timeout=30)
+        assert under.status_code == 422 and 'not an image' in under.json()['detail'], under.text   # read in full
+
+        for req, status in ((b'GET /' + b'a' * 5000 + b' HTTP/1.1\r\nHost: x\r\n\r\n', 400),       # line too long
+                            (b'GET /health HTTP/1.1\r\n' + b''.join(b'X-%d: 1\r\n' % i for i in range(120)) + b'\r\n', 431)):
+            code, headers, raw = raw_http(url, req)
+            assert code == status and headers['Content-Type'] == 'application/json', (code, headers, raw[:300])
+            j = json.loads(raw)
+            assert set(j) == {'error', 'detail', 'request_id'} and j['request_id'] == headers['X-Request-Id'], j
+        idle = requests.Session(); assert idle.get(url + '/health', timeout=10).status_code == 200   # kept alive, idle
+    finally: stop(p)                                                           # SIGTERM, SIGKILL after 10 s
+    assert not list((tmp_path/'tmp').glob('mhist-prometheus-*'))              # a clean stop (on_exit) despite it
+
+
+def test_a_changed_model_file_does_not_take_the_server_down(toy_models, tmp_path):
+    "The models are verified and loaded once, in the master: a worker restarted after the file changed inherits them."
+    import psutil
+    from mhist_nb.toy_models import expected_logit
+    models = tmp_path/'models'; shutil.copytree(toy_models, models)
+    p, url = serve_cli(models, tmp_path)
+    try:
+        wait_ready(p, url)
+        (worker,) = psutil.Process(p.pid).children()
+        f = models/'model_vit.onnx'; f.write_bytes(f.read_bytes() + b'\0')   # no longer the verified file
+        os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline and {c.pid for c in psutil.Process(p.pid).children()} in (set(), {worker.pid}):
+            time.sleep(0.1)
+        wait_ready(p, url)
+        t = tiles(1)[0]
+        r = post(url, png(t))
+        assert r.status_code == 200 and p.poll() is None, r.text
+        assert abs(r.json()['results'][0]['predictions']['vit']['logit'] - expected_logit(t)) < 1e-4   # the verified model
+    finally: stop(p)
+
+
+def test_a_failed_start_leaves_no_metrics_folder(toy_models, tmp_path):
+    "gunicorn cannot bind (the port is taken): it exits non-zero, says why, and removes the folder it made."
+    import socket
+    with socket.socket() as held:
+        held.bind(('127.0.0.1', 0)); held.listen()
+        port = held.getsockname()[1]
+        (tmp_path/'tmp').mkdir()
+        e = {k: v for k, v in os.environ.items() if not k.startswith(('MHIST_', 'PROMETHEUS_'))}
+        r = mhist('serve', '--models', toy_models, '--port', port, env={**e, 'TMPDIR': str(tmp_path/'tmp')}, timeout=60)
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert not list((tmp_path/'tmp').glob('mhist-prometheus-*'))
