@@ -35,7 +35,7 @@ def _env_setting(name:str, var:str, raw:str):
 @dataclass
 class ServeConfig:
     "Serving settings: environment variables (`ENV`), overridden by keyword arguments (command-line flags)."
-    model_dir: str|None = None          # folder of manifest_*.json and their ONNX files
+    model_dir: str|None = None          # folder of manifest_*.json and ONNX files, or a release (s3://, models:/)
     threads: int|None = None            # ONNX Runtime intra-op threads per model (None: its default)
     inferences: int|None = None         # most model runs at once in this process (None: no limit)
     max_body_mb: float = 10.            # largest request body
@@ -45,8 +45,8 @@ class ServeConfig:
     default_models: tuple = ()          # what `model=both` means; default: the fp32 families
     explain_budget_s: float = 5.        # longest an occlusion map may take before the answer is 503
 
-    ENV = dict(model_dir='MHIST_MODEL_DIR', threads='MHIST_THREADS', inferences='MHIST_INFERENCES', max_body_mb='MHIST_MAX_BODY_MB',
-               max_batch='MHIST_MAX_BATCH', resize='MHIST_RESIZE', allowed_origins='MHIST_ALLOWED_ORIGINS',
+    ENV = dict(model_dir='MHIST_MODEL_DIR', threads='MHIST_THREADS', inferences='MHIST_INFERENCES',
+               max_body_mb='MHIST_MAX_BODY_MB', max_batch='MHIST_MAX_BATCH', resize='MHIST_RESIZE', allowed_origins='MHIST_ALLOWED_ORIGINS',
                default_models='MHIST_DEFAULT_MODELS', explain_budget_s='MHIST_EXPLAIN_BUDGET_S')
 
     @classmethod
@@ -54,6 +54,7 @@ class ServeConfig:
         "Settings from `env` (default `os.environ`), then `overrides` that are not None."
         env = os.environ if env is None else env
         kw = {k: _env_setting(k, var, env[var]) for k, var in cls.ENV.items() if env.get(var) not in (None, '')}
+        if env.get('MHIST_MODEL_URI'): kw['model_dir'] = env['MHIST_MODEL_URI']   # a release, over an image's folder
         kw.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
         cfg = cls(**kw); cfg.check(); return cfg
 

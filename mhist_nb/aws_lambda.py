@@ -20,7 +20,8 @@ def app():
     global APP
     if APP is None:
         root = os.environ.get('LAMBDA_TASK_ROOT')
-        APP = create_app(ServeConfig.from_env(model_dir=None if os.environ.get('MHIST_MODEL_DIR') else
+        given = os.environ.get('MHIST_MODEL_DIR') or os.environ.get('MHIST_MODEL_URI')   # a folder or a release
+        APP = create_app(ServeConfig.from_env(model_dir=None if given else
                                               ('/opt/models' if os.path.isdir('/opt/models') else root)))
     return APP
 
