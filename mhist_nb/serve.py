@@ -16,7 +16,7 @@ __all__ = ['MANIFEST_REQUIRED', 'ACCEPTED_FORMATS', 'RESIZE_POLICIES', 'check_ma
            'occlusion_map', 'ModelError', 'manifest_paths', 'model_name', 'Predictor']
 
 # %% ../nbs/20_serve.ipynb #efcced0e
-from .release import ReleaseError, local_models
+from .release import ReleaseError, confined, local_models
 
 # %% ../nbs/20_serve.ipynb #d495f79d
 MANIFEST_REQUIRED = ('model', 'family', 'onnx', 'sha256', 'input', 'output', 'mean', 'std', 'class_names',
@@ -53,14 +53,9 @@ def check_manifest(m:dict, where) -> None:
 
 # %% ../nbs/20_serve.ipynb #831d8a2f
 def _inside(manifest:Path, name) -> Path:
-    "The file `name` a manifest names, resolved inside the manifest's folder; a ValueError for any path that leaves it."
-    folder = manifest.resolve().parent
-    if not isinstance(name, str) or not name or Path(name).is_absolute():
-        raise _bad(manifest, f'a model file must be a path relative to the manifest\'s folder, got {name!r}')
-    f = (folder / name).resolve()                                        # symbolic links and '..' resolved
-    if not f.is_relative_to(folder):
-        raise _bad(manifest, f'the model file {name!r} is outside the manifest\'s folder {folder}')
-    return f
+    "The file `name` a manifest names, inside the manifest's folder (`confined`); a ValueError for a path that leaves it."
+    try: return confined(manifest.resolve().parent, name)
+    except ReleaseError as e: raise _bad(manifest, f"the model file {e} (the manifest's folder)") from None
 
 # %% ../nbs/20_serve.ipynb #13475499
 def read_manifest(path, verify:bool=True) -> dict:
