@@ -2,7 +2,7 @@
 S3 (moto's server mode, over HTTP) and to the MLflow Model Registry (its sqlite store, and the shared MLflow server),
 then served by `mhist serve` and `mhist predict` from `s3://…` and `models:/…@champion` with the answers the reports
 folder gives; a tampered object, a half-written release and a wrong alias each stop a server with one clear error."""
-import json, os, signal, subprocess, time
+import json, os, shutil, signal, subprocess, time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +120,11 @@ def test_broken_releases_are_refused_with_one_error(released, s3_server):
     assert 'upload did not finish' in refused(f's3://{BUCKET}/half/releases/t2', env, img)
     assert "no alias 'production'" in refused('models:/mhist-vit@production', env, img)
     assert 'nothing was published there' in refused(f's3://{BUCKET}/elsewhere', env, img)
+    local = Path(shutil.copytree(rel, released['tmp']/'same-size'))       # a local release, a model byte flipped
+    data = bytearray((local/'model_vit.onnx').read_bytes()); data[100] ^= 1
+    (local/'model_vit.onnx').write_bytes(bytes(data))
+    err = refused(local, env, img)
+    assert 'model_vit.onnx' in err and 'sha256' in err, err
 
 
 def test_registry_on_the_shared_tracking_server(tracking_server, tmp_path):
